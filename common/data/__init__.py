@@ -1,0 +1,1 @@
+"""Dataset readers for the official layouts and synthetic demo-data generators."""

@@ -1,0 +1,94 @@
+"""Readers for the LoVT downstream chest X-ray segmentation datasets (SIIM, RSNA, COVID-Rural, own data).
+
+Two layouts: image/mask folders per split (``<dataset_dir>/<split>/{images,masks}/``, masks matched to
+images by file stem) or a split CSV (``<dataset_dir>/<split>.csv`` with image and mask path columns,
+relative to ``dataset_dir``). Subsets are the *first* round(N * fraction) rows, as the paper used.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+__all__ = ["segmentation_datalist", "dataset_statistics"]
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+def _first(items: list, fraction: float) -> list:
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    return items[: max(1, round(len(items) * fraction))] if items else items
+
+
+def _folder_datalist(folder: Path) -> list[dict]:
+    images, masks = folder / "images", folder / "masks"
+    if not images.is_dir() or not masks.is_dir():
+        raise FileNotFoundError(f"{folder}: expected 'images/' and 'masks/' sub-folders.")
+    by_stem = {p.stem: p for p in masks.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
+    data, unmatched = [], []
+    for image in sorted(p for p in images.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES):
+        if image.stem in by_stem:
+            data.append({"image": str(image), "label": str(by_stem[image.stem])})
+        else:
+            unmatched.append(image.name)
+    if unmatched:
+        raise FileNotFoundError(f"{masks}: no mask for {len(unmatched)} image(s), e.g. {unmatched[:5]}.")
+    return data
+
+
+def _csv_datalist(csv_file: Path, root: Path, image_col: str, mask_col: str) -> list[dict]:
+    with open(csv_file, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {image_col, mask_col} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{csv_file}: missing column(s) {sorted(missing)}; found {reader.fieldnames}.")
+        rows = list(reader)
+    data = []
+    for line_no, row in enumerate(rows, 2):
+        image, mask = root / row[image_col], root / row[mask_col]
+        for path in (image, mask):
+            if not path.is_file():
+                raise FileNotFoundError(f"{csv_file}:{line_no}: file not found: {path}")
+        data.append({"image": str(image), "label": str(mask)})
+    return data
+
+
+def segmentation_datalist(
+    dataset_dir: str,
+    split: str = "train",
+    fraction: float = 1.0,
+    csv_file: str | None = None,
+    image_col: str = "image",
+    mask_col: str = "mask",
+) -> list[dict]:
+    """``[{"image", "label"}]`` of one split; a split CSV wins over folders when it exists.
+
+    Args:
+        dataset_dir: dataset root.
+        split: ``train``, ``validation`` or ``test``.
+        fraction: keep the first round(N * fraction) rows (RSNA 1%/10%; validation uses 0.1 in the paper).
+        csv_file: the split CSV (default ``<dataset_dir>/<split>.csv``).
+        image_col, mask_col: CSV columns holding paths relative to ``dataset_dir``.
+    """
+    root = Path(dataset_dir)
+    table = Path(csv_file) if csv_file else root / f"{split}.csv"
+    data = _csv_datalist(table, root, image_col, mask_col) if table.is_file() else _folder_datalist(root / split)
+    if not data:
+        raise ValueError(f"{dataset_dir}: split '{split}' is empty.")
+    return _first(data, fraction)
+
+
+def dataset_statistics(dataset_dir: str, filename: str = "dataset_statistics.json") -> dict[str, float]:
+    """``{"pixel_mean", "pixel_std"}`` of the downstream train split (intensities scaled to [0, 1])."""
+    path = os.path.join(dataset_dir, filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Dataset statistics not found: {path} (pixel_mean / pixel_std of the train split).")
+    with open(path) as f:
+        stats = json.load(f)
+    for key in ("pixel_mean", "pixel_std"):
+        if key not in stats:
+            raise KeyError(f"{path}: missing '{key}'.")
+    return {"pixel_mean": float(stats["pixel_mean"]), "pixel_std": float(stats["pixel_std"])}

@@ -1,0 +1,1 @@
+"""Engine helpers: handlers, schedulers and runtime settings shared by the bundles."""

@@ -1,0 +1,119 @@
+"""Atomic checkpoint writing and the two savers every training config uses.
+
+MONAI's ``CheckpointSaver`` writes in place (ignite ``atomic=False``), so a run killed mid-write
+leaves a truncated file. These savers write to a temporary file in the same folder and rename it,
+so ``models/last.pt`` and ``models/model.pt`` are always complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader
+
+
+def is_main_process() -> bool:
+    """True on rank 0, or when no process group is running."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def unwrap_module(obj: Any) -> Any:
+    """Strip ``DistributedDataParallel`` / ``DataParallel`` so saved keys match ``network_def``."""
+    return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel) else obj
+
+
+def state_of(save_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """State dict of one object (flat, as the model zoo ships ``model.pt``) or a dict of state dicts."""
+    states = {k: unwrap_module(v).state_dict() for k, v in save_dict.items()}
+    return next(iter(states.values())) if len(states) == 1 else states
+
+
+def save_atomically(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+class LastCheckpointSaver:
+    """Save ``save_dict`` (model, optimizer, scheduler, ...) and the trainer's state every ``interval`` epochs.
+
+    The engine it is attached to is stored under ``engine_key``, so configs need no (circular) reference
+    from the trainer's handler list back to the trainer. ``ResumeCheckpointLoader`` reads the file back.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: Mapping[str, Any],
+        filename: str = "last.pt",
+        interval: int = 1,
+        engine_key: str = "trainer",
+    ):
+        self.path = os.path.join(save_dir, filename)
+        self.save_dict = dict(save_dict)
+        self.interval = interval
+        self.engine_key = engine_key
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict[self.engine_key] = engine
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        if is_main_process():
+            save_atomically(state_of(self.save_dict), self.path)
+
+
+class ResumeCheckpointLoader:
+    """Restore ``load_dict`` and the trainer's epoch/iteration from ``load_path`` when training starts.
+
+    A thin wrapper of MONAI's ``CheckpointLoader`` that adds the engine it is attached to under
+    ``engine_key`` (see ``LastCheckpointSaver``). A missing file is an error naming it, not a silent restart.
+    """
+
+    def __init__(
+        self, load_path: str, load_dict: Mapping[str, Any], map_location: Any = None, engine_key: str = "trainer"
+    ):
+        self.load_path = load_path
+        self.load_dict = dict(load_dict)
+        self.map_location = map_location
+        self.engine_key = engine_key
+
+    def attach(self, engine: Engine) -> None:
+        if not os.path.isfile(self.load_path):
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {self.load_path}")
+        load_dict = {**self.load_dict, self.engine_key: engine}
+        CheckpointLoader(load_path=self.load_path, load_dict=load_dict, map_location=self.map_location).attach(engine)
+
+
+class BestMetricSaver:
+    """Attach to an evaluator: save ``save_dict`` whenever the evaluator's key metric improved.
+
+    MONAI evaluators update ``state.best_metric_epoch`` before handlers attached later run, so a new best
+    is exactly ``best_metric_epoch == epoch`` (the trainer epoch the validation ran at).
+    """
+
+    def __init__(self, save_dir: str, save_dict: Mapping[str, Any], filename: str = "model.pt"):
+        self.path = os.path.join(save_dir, filename)
+        self.save_dict = save_dict
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if is_main_process() and engine.state.best_metric_epoch == engine.state.epoch:
+            save_atomically(state_of(self.save_dict), self.path)

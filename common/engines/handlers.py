@@ -1,0 +1,33 @@
+"""Small ignite handlers the bundles need and MONAI does not ship."""
+
+from __future__ import annotations
+
+from ignite.engine import Engine, Events
+from monai.handlers import ValidationHandler as _MonaiValidationHandler
+
+from common.engines.checkpoint import BestMetricSaver, LastCheckpointSaver, ResumeCheckpointLoader
+
+__all__ = ["BestMetricSaver", "LastCheckpointSaver", "ResumeCheckpointLoader", "ValidationHandler"]
+
+
+class ValidationHandler(_MonaiValidationHandler):
+    """MONAI's epoch-level ``ValidationHandler`` that also validates after the final epoch.
+
+    With ``interval`` 100 a 1-epoch run (MONAI Label, smoke tests) would otherwise never validate and
+    never write ``models/model.pt``.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        if self.validator is None:
+            raise RuntimeError("please set validator in ValidationHandler before training.")
+        if not self.epoch_level:
+            super().attach(engine)
+            return
+        interval = self.interval
+
+        def due(engine: Engine, epoch: int) -> bool:
+            return epoch % interval == 0 or epoch == engine.state.max_epochs
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=due), self)
+        if self.exec_at_start:
+            engine.add_event_handler(Events.STARTED, self)

@@ -1,0 +1,184 @@
+"""Semi-supervised LViT (our design; the official code was never released): EPI pseudo-label bank + LV loss.
+
+* :class:`EPIBank` keeps, per unlabelled image, an exponential moving average (beta 0.99) of its predicted
+  probabilities; the pseudo-label is ``bank > 0.5``. It is an ``nn.Module`` with buffers, so it goes into the
+  checkpoint ``save_dict`` and survives resume.
+* :class:`LVTemplates` holds text+mask templates and picks, per sample, the template whose mean text embedding is
+  most cosine-similar to the sample's.
+* :class:`LViTSemiIteration` is a ``SupervisedTrainer`` ``iteration_update``: labelled samples get the supervised
+  loss, unlabelled ones ``loss(pred, pseudo) + alpha * (1 - cos(pred, template))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from monai.utils import CommonKeys as Keys
+from torch import nn
+
+from common.data.lvit_templates import DEFAULT_TEMPLATE_TEXTS, parse_zones, zone_mask
+from common.losses.lvit import LViTDiceBCE, lv_loss
+
+__all__ = ["EPIBank", "LVTemplates", "LViTSemiIteration", "count_unlabelled", "labelled_subset", "semi_datalist"]
+
+
+class EPIBank(nn.Module):
+    """Float16 ``[N, 1, H, W]`` EMA of predictions for N unlabelled images, indexed by their ``unlabelled_index``.
+
+    The first update of an entry copies the prediction (the network then holds the stage-A weights), later ones do
+    ``P <- beta * P + (1 - beta) * pred``.
+    """
+
+    def __init__(self, num_items: int, spatial_size: Sequence[int] = (224, 224), beta: float = 0.99) -> None:
+        super().__init__()
+        self.beta = beta
+        self.register_buffer("probs", torch.zeros((num_items, 1, *spatial_size), dtype=torch.float16))
+        self.register_buffer("seen", torch.zeros(num_items, dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """EMA-update entries ``index`` with ``pred [B,1,H,W]`` (gathered across ranks); return their pseudo-labels."""
+        index = index.to(self.probs.device).long()
+        pred = pred.detach().to(self.probs.device, torch.float32)
+        all_index, all_pred = _gather(index), _gather(pred)
+        old = self.probs[all_index].float()
+        seen = self.seen[all_index].view(-1, *([1] * (pred.dim() - 1)))
+        new = torch.where(seen, self.beta * old + (1 - self.beta) * all_pred, all_pred)
+        self.probs[all_index] = new.to(torch.float16)
+        self.seen[all_index] = True
+        return (self.probs[index].float() > 0.5).float()
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank (identity without a process group); batches must be equal-sized."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class LVTemplates(nn.Module):
+    """Template masks ``[T,1,H,W]`` and their L2-normalised mean text embeddings ``[T,D]``.
+
+    Args:
+        embedder: maps a list of descriptions to ``[T, L, D]`` (e.g. :class:`common.text.lvit_embed.LViTTextEmbedder`).
+        texts: template descriptions; masks are the lung zones their text names (:mod:`common.data.lvit_templates`).
+        spatial_size: template mask size (the network input size).
+    """
+
+    def __init__(self, embedder: Any, texts: Sequence[str] | None = None, spatial_size: int = 224) -> None:
+        super().__init__()
+        texts = list(texts or DEFAULT_TEMPLATE_TEXTS)
+        masks = []
+        for t in texts:
+            zones = parse_zones(t)
+            if not zones:
+                raise ValueError(f"LV template text names no lung zone: {t!r}")
+            masks.append(torch.from_numpy(zone_mask(zones, spatial_size))[None])
+        emb = torch.as_tensor(embedder.embed(texts)).float()
+        self.texts = texts
+        self.register_buffer("masks", torch.stack(masks))
+        self.register_buffer("text_emb", F.normalize(emb.mean(1), dim=-1))
+
+    def select(self, text: torch.Tensor) -> torch.Tensor:
+        """Index ``[B]`` of the most similar template for sample embeddings ``text [B,L,D]``."""
+        query = F.normalize(text.float().mean(1), dim=-1)
+        return (query @ self.text_emb.to(query.device).T).argmax(1)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        """The selected template masks ``[B,1,H,W]``."""
+        return self.masks.to(text.device)[self.select(text)]
+
+
+class LViTSemiIteration:
+    """``iteration_update`` for ``SupervisedTrainer`` over a batch mixing labelled and unlabelled samples.
+
+    Batches carry ``image``, ``label``, ``text`` ([B,L,D]), ``labelled`` (1/0) and ``unlabelled_index``.
+    """
+
+    def __init__(
+        self, bank: EPIBank, templates: LVTemplates, loss: nn.Module | None = None, alpha: float = 0.1
+    ) -> None:
+        self.bank = bank
+        self.templates = templates
+        self.loss = loss if loss is not None else LViTDiceBCE()
+        self.alpha = alpha
+
+    def __call__(self, engine: Any, batchdata: dict) -> dict:
+        device = engine.state.device
+        image = batchdata[Keys.IMAGE].to(device).float()
+        label = batchdata[Keys.LABEL].to(device).float()
+        text = batchdata["text"].to(device).float()
+        labelled = torch.as_tensor(batchdata["labelled"]).to(device).bool().view(-1)
+        index = torch.as_tensor(batchdata["unlabelled_index"]).to(device).long().view(-1)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        pred = engine.network(image, text)
+        out = self.compute_loss(pred, label, text, labelled, index)
+        out["loss"].backward()
+        engine.optimizer.step()
+        engine.state.output = {Keys.IMAGE: image, Keys.LABEL: label, Keys.PRED: pred, **out, Keys.LOSS: out["loss"]}
+        return engine.state.output
+
+    def compute_loss(
+        self, pred: torch.Tensor, label: torch.Tensor, text: torch.Tensor, labelled: torch.Tensor, index: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Count-weighted mean of the labelled and unlabelled losses (labels of unlabelled samples are unused)."""
+        n = pred.shape[0]
+        zero = pred.sum() * 0.0
+        sup, unsup, lv = zero, zero, zero
+        if labelled.any():
+            sup = self.loss(pred[labelled], label[labelled])
+        unl = ~labelled
+        if unl.any():
+            pseudo = self.bank.update(index[unl], pred[unl])
+            lv = lv_loss(pred[unl], self.templates(text[unl]))
+            unsup = self.loss(pred[unl], pseudo) + self.alpha * lv
+        n_l = labelled.sum().float()
+        total = (n_l * sup + (n - n_l) * unsup) / n
+        return {"loss": total, "loss_sup": sup.detach(), "loss_unsup": unsup.detach(), "loss_lv": lv.detach()}
+
+
+def labelled_subset(datalist: Sequence[dict], fraction: float, seed: int = 666, path: str | None = None) -> list[str]:
+    """A seeded random draw of ``round(fraction * N)`` mask names (sorted); written one a line to ``path`` if given."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"labelled fraction must be in (0, 1], got {fraction}")
+    names = sorted(d["name"] for d in datalist)
+    perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = sorted(names[i] for i in perm[: max(1, round(fraction * len(names)))])
+    if path is not None:
+        with open(path, "w") as f:
+            f.write("\n".join(chosen) + "\n")
+    return chosen
+
+
+def semi_datalist(datalist: Sequence[dict], labelled_names: Sequence[str] | str) -> list[dict]:
+    """Flag each item ``labelled`` (1/0), number the unlabelled ones (``unlabelled_index``) and drop their label."""
+    if isinstance(labelled_names, str):
+        with open(labelled_names) as f:
+            labelled_names = [line.strip() for line in f if line.strip()]
+    keep = set(labelled_names)
+    unknown = keep - {d["name"] for d in datalist}
+    if unknown:
+        raise ValueError(f"{len(unknown)} labelled name(s) are not in the datalist, e.g. {sorted(unknown)[:5]}")
+    out, u = [], 0
+    for d in datalist:
+        item = dict(d)
+        if d["name"] in keep:
+            item.update(labelled=1, unlabelled_index=-1)
+        else:
+            item.pop("label", None)
+            item.update(labelled=0, unlabelled_index=u)
+            u += 1
+        out.append(item)
+    return out
+
+
+def count_unlabelled(datalist: Sequence[dict]) -> int:
+    """Number of unlabelled items of a :func:`semi_datalist` (the EPI bank size)."""
+    return sum(1 for d in datalist if not d["labelled"])

@@ -1,0 +1,1 @@
+"""Losses the papers define (one module per paper)."""

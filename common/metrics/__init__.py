@@ -1,0 +1,1 @@
+"""Metrics computed exactly as the papers' reference scripts compute them."""

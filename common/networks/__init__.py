@@ -1,0 +1,1 @@
+"""Network definitions the papers add on top of MONAI (one module per paper)."""

@@ -1,0 +1,1 @@
+"""Text encoders and on-disk text-embedding caches."""

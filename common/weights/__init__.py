@@ -1,0 +1,1 @@
+"""Loaders that map official / released checkpoints onto our networks."""

@@ -1,0 +1,1 @@
+"""Command-line tools for the bundle collection: ``python -m tools <command> ...``."""

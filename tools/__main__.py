@@ -1,0 +1,64 @@
+"""``python -m tools verify|package|demo|convert|benchmark``: the collection's command-line interface."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+import fire
+
+
+def _plugin(package: str, name: str, attr: str):
+    """``tools.<package>.<name>.<attr>``, with the available names listed when ``name`` is unknown."""
+    available = sorted(m.name for m in pkgutil.iter_modules(importlib.import_module(f"tools.{package}").__path__))
+    if name not in available:
+        raise SystemExit(f"unknown {package[:-1]} {name!r}; available: {', '.join(available) or 'none'}")
+    return getattr(importlib.import_module(f"tools.{package}.{name}"), attr)
+
+
+class Tools:
+    """Verify, package, demo, convert and benchmark the bundles under ``bundles/``."""
+
+    def verify(self, bundle: str, schema: str | None = None, device: str = "cpu", skip_export: bool = False) -> None:
+        """Offline model-zoo checks for one bundle (files, metadata schema, net in/out, TorchScript, ONNX)."""
+        from tools.verify import verify_bundle
+
+        verify_bundle(bundle, schema=schema, device=device, skip_export=skip_export)
+
+    def package(self, bundle: str | None = None, out_dir: str = "dist", all: bool = False, url_template: str | None = None):
+        """Write release zip(s) ``<name>_v<version>.zip`` with ``common`` vendored (``--all`` adds an index)."""
+        from tools.package import package_all, package_bundle
+
+        if all:
+            return package_all(out_dir=out_dir, url_template=url_template)
+        if bundle is None:
+            raise SystemExit("name a bundle folder or pass --all")
+        return package_bundle(bundle, out_dir=out_dir)
+
+    def demo(self, bundle: str, epochs: int | None = None, steps: str = "train,evaluate,infer,export") -> None:
+        """Generate the bundle's demo data, then train, evaluate, infer and export through ``monai.bundle``."""
+        from tools.demo import run_demo
+
+        run_demo(bundle, epochs=epochs, steps=tuple(s.strip() for s in steps.split(",") if s.strip()))
+
+    def convert(self, name: str, src: str, dst: str, **kwargs: Any) -> None:
+        """Map an official checkpoint layout onto ours (``tools/converters/<name>.py``)."""
+        _plugin("converters", name, "convert")(src, dst, **kwargs)
+
+    def benchmark(self, name: str, **kwargs: Any) -> None:
+        """Print train-step and inference figures for one model (``tools/benchmarks/<name>.py``)."""
+        _plugin("benchmarks", name, "main")(**kwargs)
+
+
+def main() -> None:
+    from tools.verify import VerificationError
+
+    try:
+        fire.Fire(Tools, name="tools")
+    except VerificationError as e:
+        raise SystemExit(f"verification failed: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

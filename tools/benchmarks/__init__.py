@@ -1,0 +1,1 @@
+"""Benchmarks printing train-step and inference figures: ``python -m tools benchmark NAME``."""
