@@ -16,7 +16,7 @@ from common.text.lvit_embed import (
 
 
 def _embedder(tmp_path, cache=True):
-    words = [*QATA_WORDS, "infect", "##ed", "pulmon", "##ary"]
+    words = [*QATA_WORDS, "lesion", "##s"]
     we = random_bert_word_embedder(words, str(tmp_path / "bert"), hidden_size=32, num_layers=1)
     return LViTTextEmbedder(we, cache_file=str(tmp_path / "cache" / "text.pt") if cache else None)
 
@@ -29,10 +29,10 @@ def test_lvit_text_padding_rule():
 def test_word_pieces_are_averaged_back_to_words(tmp_path):
     e = _embedder(tmp_path, cache=False)
     tok = e.word_embedder.tokenizer
-    assert tok.tokenize("infected") == ["infect", "##ed"]
-    words = e.word_embedder(["infected left lung ."])[0]
-    assert words.shape == (4, 32)  # infected / left / lung / .
-    enc = tok(["infected left lung ."], return_tensors="pt")
+    assert tok.tokenize("lesions") == ["lesion", "##s"]
+    words = e.word_embedder(["lesions left lung ."])[0]
+    assert words.shape == (4, 32)  # lesions / left / lung / .
+    enc = tok(["lesions left lung ."], return_tensors="pt")
     hidden = e.word_embedder.model(**enc).last_hidden_state[0]
     assert torch.allclose(words[0], hidden[1:3].mean(0), atol=1e-5)
     assert torch.allclose(words[1], hidden[3], atol=1e-5)

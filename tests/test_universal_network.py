@@ -88,35 +88,46 @@ def test_patch_merging_official_order():
     assert not torch.allclose(fixed(x), merge(x))
 
 
-def test_forward_shape_and_dtype_small():
-    net = UniversalModel(feature_size=12, head_chunk_size=1000).eval()
-    with torch.no_grad():
-        out = net(torch.rand(2, 1, 64, 64, 64))
-    assert out.shape == (2, 32, 64, 64, 64) and out.dtype == torch.float32
+# Smallest SwinUNETR input: divisible by 32 with more than one bottleneck voxel (instance norm).
+SMALL = (32, 32, 64)
 
 
-def test_forward_matches_official_loop_end_to_end():
+@pytest.fixture(scope="module")
+def small_run():
     torch.manual_seed(0)
-    net = UniversalModel(feature_size=12).eval()
-    x = torch.rand(2, 1, 64, 64, 64)
+    net = UniversalModel(feature_size=12, head_chunk_size=1000).eval()
+    x = torch.rand(1, 1, *SMALL)
     with torch.no_grad():
         neck, dec = net.backbone(x)
+        out = dynamic_head(net.precls_conv(dec), net.controller_params(neck), net.head_chunk_size)
+    return net, x, neck, dec, out
+
+
+def test_forward_shape_and_dtype_small(small_run):
+    net, x, _, _, out = small_run
+    with torch.no_grad():
+        full = net(x)
+    assert full.shape == (1, 32, *SMALL) and full.dtype == torch.float32
+    torch.testing.assert_close(full, out)
+
+
+def test_forward_matches_official_loop_end_to_end(small_run):
+    net, _, neck, dec, out = small_run
+    with torch.no_grad():
         # official: per sample, concat[image feature tiled over classes, text feature] -> 1x1x1 conv controller
         img = net.GAP(neck)
         txt = F.relu(net.text_to_vision(net.organ_embedding))[:, :, None, None, None]
-        params = torch.stack(
-            [net.controller(torch.cat([img[i : i + 1].repeat(32, 1, 1, 1, 1), txt], 1)).flatten(1) for i in range(2)]
-        )
+        params = net.controller(torch.cat([img.repeat(32, 1, 1, 1, 1), txt], 1)).flatten(1)[None]
         ref = loop_reference_head(net.precls_conv(dec), params)
-        torch.testing.assert_close(net(x), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_unet_batchnorm_uses_batch_statistics_in_eval():
     net = UniversalModel(backbone="unet").eval()
     bn = net.backbone.down_tr64.ops[0].bn1
-    x = torch.randn(2, 64, 4, 4, 4) * 3 + 5
+    x = torch.randn(2, 32, 4, 4, 4) * 3 + 5
     y = bn(x)
-    torch.testing.assert_close(y.mean(dim=(0, 2, 3, 4)), torch.zeros(64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3, 4)), torch.zeros(32), atol=1e-4, rtol=0)
 
 
 def test_embedding_file_is_loaded_into_buffer(tmp_path):
@@ -145,11 +156,9 @@ def test_bad_options_raise():
         UniversalModel(patch_merging="merging")
 
 
-def test_torchscript_trace_keeps_embedding_buffer():
-    torch.manual_seed(0)
-    net = UniversalModel(feature_size=12, head_chunk_size=512).eval()
-    x = torch.rand(1, 1, 64, 64, 64)
+def test_torchscript_trace_keeps_embedding_buffer(small_run):
+    net, x, _, _, out = small_run
     with torch.no_grad():
-        traced = torch.jit.trace(net, x)
-        torch.testing.assert_close(traced(x), net(x), atol=1e-4, rtol=1e-4)
+        traced = torch.jit.trace(net, x, check_trace=False)
+        torch.testing.assert_close(traced(x), out, atol=1e-4, rtol=1e-4)
     assert "organ_embedding" in dict(traced.named_buffers())

@@ -11,7 +11,8 @@ import fire
 
 def _plugin(package: str, name: str, attr: str):
     """``tools.<package>.<name>.<attr>``, with the available names listed when ``name`` is unknown."""
-    available = sorted(m.name for m in pkgutil.iter_modules(importlib.import_module(f"tools.{package}").__path__))
+    modules = pkgutil.iter_modules(importlib.import_module(f"tools.{package}").__path__)
+    available = sorted(m.name for m in modules if not m.name.startswith("_"))
     if name not in available:
         raise SystemExit(f"unknown {package[:-1]} {name!r}; available: {', '.join(available) or 'none'}")
     return getattr(importlib.import_module(f"tools.{package}.{name}"), attr)
@@ -26,7 +27,9 @@ class Tools:
 
         verify_bundle(bundle, schema=schema, device=device, skip_export=skip_export)
 
-    def package(self, bundle: str | None = None, out_dir: str = "dist", all: bool = False, url_template: str | None = None):
+    def package(
+        self, bundle: str | None = None, out_dir: str = "dist", all: bool = False, url_template: str | None = None
+    ):
         """Write release zip(s) ``<name>_v<version>.zip`` with ``common`` vendored (``--all`` adds an index)."""
         from tools.package import package_all, package_bundle
 

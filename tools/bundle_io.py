@@ -22,7 +22,11 @@ def discover_bundles() -> list[str]:
     if not os.path.isdir(BUNDLES_DIR):
         return []
     names = sorted(os.listdir(BUNDLES_DIR))
-    return [os.path.join(BUNDLES_DIR, n) for n in names if os.path.isfile(os.path.join(BUNDLES_DIR, n, "configs", "metadata.json"))]
+    return [
+        os.path.join(BUNDLES_DIR, n)
+        for n in names
+        if os.path.isfile(os.path.join(BUNDLES_DIR, n, "configs", "metadata.json"))
+    ]
 
 
 def load_metadata(bundle_root: str) -> dict:

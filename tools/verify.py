@@ -55,7 +55,9 @@ def _fail(bundle: str, message: str) -> None:
 
 def check_files(bundle: str) -> None:
     """Required files exist; every file is under 1 MB; JSON is 4-space indented."""
-    required = REQUIRED_FILES + (TRAINING_FILES if os.path.exists(os.path.join(bundle, "configs", "train.json")) else ())
+    required = REQUIRED_FILES + (
+        TRAINING_FILES if os.path.exists(os.path.join(bundle, "configs", "train.json")) else ()
+    )
     missing = [f for f in required if not os.path.isfile(os.path.join(bundle, f))]
     if missing:
         _fail(bundle, f"missing required files: {missing}")
@@ -194,7 +196,9 @@ def check_exports(bundle: str, meta: dict) -> dict[str, float]:
 
         onnx_path = os.path.join(bundle, "models", "verify_model.onnx")
         names = ["image", *extra]
-        torch.onnx.export(net, inputs, onnx_path, input_names=names, output_names=["pred"], dynamo=False, opset_version=17)
+        torch.onnx.export(
+            net, inputs, onnx_path, input_names=names, output_names=["pred"], dynamo=False, opset_version=17
+        )
         session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
         (onnx_out,) = session.run(["pred"], {n: t.numpy() for n, t in zip(names, inputs)})
         diffs["onnx"] = _max_abs_diff(onnx_out, expected)

@@ -30,6 +30,11 @@ class CheckLabelRanged(MapTransform):
             bad = values[(values < 0) | (values > self.max_label) | (values != values.round())]
             if bad.numel():
                 raise ValueError(
-                    f"{source_name(d, key)}: label values {bad.tolist()[:10]} are outside 0..{self.max_label}"
+                    f"{source_name(d, key)}: label values {[_plain(v) for v in bad.tolist()[:10]]} are outside 0..{self.max_label}"
                 )
         return d
+
+
+def _plain(value: float) -> int | float:
+    """``17.0`` -> ``17`` so messages show label values as users wrote them."""
+    return int(value) if float(value).is_integer() else value

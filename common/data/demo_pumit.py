@@ -98,8 +98,13 @@ def write_pretraining_demo(dataset_dir: str, copies: int = 2, num_png: int = 4, 
         Image.fromarray(img).save(os.path.join(dataset_dir, rel))
         (validation if i == num_png else training).append({"image": rel, "dataset": "xray", "spacing": [0.14, 0.14]})
     datalist = {
-        "datasets": {"ct_iso": {"weight": 1.0}, "ct_thick": {"weight": 1.0}, "mr_t2": {"weight": 1.0},
-                     "dicom_ct": {"weight": 0.5}, "xray": {"weight": 0.5}},
+        "datasets": {
+            "ct_iso": {"weight": 1.0},
+            "ct_thick": {"weight": 1.0},
+            "mr_t2": {"weight": 1.0},
+            "dicom_ct": {"weight": 0.5},
+            "xray": {"weight": 0.5},
+        },
         "training": training,
         "validation": validation,
     }
@@ -108,8 +113,9 @@ def write_pretraining_demo(dataset_dir: str, copies: int = 2, num_png: int = 4, 
     return dataset_dir
 
 
-def write_medmnist_demo(dataset_dir: str, name: str = "organmnist3d", num_classes: int = 3, per_split: int = 12,
-                        seed: int = 0) -> str:
+def write_medmnist_demo(
+    dataset_dir: str, name: str = "organmnist3d", num_classes: int = 3, per_split: int = 12, seed: int = 0
+) -> str:
     """Write ``<name>.npz`` with 28^3 uint8 volumes whose class sets the number of bright blobs."""
     if _refuse_foreign(dataset_dir, f"{name}.npz"):
         return dataset_dir

@@ -94,7 +94,7 @@ def split_sections(text: str) -> dict[str, str]:
     sections: dict[str, str] = {}
     matches = list(_SECTION_HEADER.finditer(text))
     starts = [m.end() for m in matches]
-    ends = [m.start() for m in matches[1:]] + [len(text)]
+    ends = [m.start() for m in matches[1:]] + [len(text)] if matches else []
     sections["preamble"] = text[: matches[0].start()] if matches else text
     for m, start, end in zip(matches, starts, ends, strict=True):
         name = " ".join(m.group(1).lower().split())

@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 from monai.transforms import MapTransform, Randomizable
 from PIL import Image
@@ -40,6 +41,7 @@ __all__ = [
     "LoadPUMITImaged",
     "PUMITCropd",
     "PUMITPrepareBatch",
+    "PadToTokenGridd",
     "load_medmnist_npz",
     "load_pumit_datalist",
     "read_image",
@@ -72,10 +74,15 @@ def _dicom_files(folder: str) -> list:
         if "ImagePositionPatient" not in ds and len(slices) > 1:
             raise ValueError(f"{f}: DICOM slice has no ImagePositionPatient; cannot order the series.")
     if len(slices) > 1:
-        orient = np.asarray(slices[0].ImageOrientationPatient, dtype=float) if "ImageOrientationPatient" in slices[
-            0] else np.array([1, 0, 0, 0, 1, 0], dtype=float)
+        orient = (
+            np.asarray(slices[0].ImageOrientationPatient, dtype=float)
+            if "ImageOrientationPatient" in slices[0]
+            else np.array([1, 0, 0, 0, 1, 0], dtype=float)
+        )
         normal = np.cross(orient[:3], orient[3:])
-        order = sorted(range(len(slices)), key=lambda i: float(np.dot(normal, np.asarray(slices[i].ImagePositionPatient, float))))
+        order = sorted(
+            range(len(slices)), key=lambda i: float(np.dot(normal, np.asarray(slices[i].ImagePositionPatient, float)))
+        )
         slices = [slices[i] for i in order]
         files = [files[i] for i in order]
     return list(zip(files, slices))
@@ -136,8 +143,10 @@ def read_image(path: str, spacing: Sequence[float] | None = None) -> tuple[np.nd
     if os.path.isdir(path):
         series = _dicom_files(path)
         vol = np.stack(
-            [ds.pixel_array * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
-             for _, ds in series]
+            [
+                ds.pixel_array * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
+                for _, ds in series
+            ]
         )
         return _normalise(vol)[None], _dicom_spacing(series, path)
     sp = read_spacing(path, spacing)
@@ -188,8 +197,14 @@ class LoadPUMITImaged(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            arr, spacing = read_image(d[key], d.get("spacing") if str(d[key]).lower().endswith(PNG_SUFFIXES) else None)
-            d[key] = torch.from_numpy(np.ascontiguousarray(arr))
+            path = str(d[key])
+            arr, spacing = read_image(path, d.get("spacing") if path.lower().endswith(PNG_SUFFIXES) else None)
+            affine = torch.diag(
+                torch.tensor([*(1.0 if s >= SPACING_2D else s for s in spacing), 1.0], dtype=torch.float64)
+            )
+            d[key] = MetaTensor(
+                torch.from_numpy(np.ascontiguousarray(arr)), affine=affine, meta={"filename_or_obj": path}
+            )
             d["spacing"] = torch.tensor(spacing)
             d["aniso_d"] = aniso_d_from_spacing(spacing)
         return d
@@ -217,6 +232,23 @@ class PUMITCropd(Randomizable, MapTransform):
                 img = torch.nn.functional.pad(img, [p for q in reversed(pad) for p in (q // 2, q - q // 2)])
             start = [int(self.R.randint(0, s - r + 1)) for s, r in zip(img.shape[1:], roi)]
             d[key] = img[:, start[0] : start[0] + roi[0], start[1] : start[1] + roi[1], start[2] : start[2] + roi[2]]
+        return d
+
+
+class PadToTokenGridd(MapTransform):
+    """Zero-pad (end of each axis) so the token grid is whole: depth to a multiple of ``patch >> DA``, in-plane of ``patch``."""
+
+    def __init__(self, keys: KeysCollection = "image", patch: int = 16):
+        super().__init__(keys)
+        self.patch = patch
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        k_d = max(self.patch >> int(d["aniso_d"]), 1)
+        for key in self.key_iterator(d):
+            img = d[key]
+            pad = [(-s) % k for s, k in zip(img.shape[1:], (k_d, self.patch, self.patch))]
+            d[key] = torch.nn.functional.pad(img, [0, pad[2], 0, pad[1], 0, pad[0]])
         return d
 
 
@@ -261,8 +293,13 @@ class PUMITPrepareBatch(PrepareBatch):
         if not bool((da == da[0]).all()):
             raise ValueError(f"a PUMIT batch must share one aniso_d, got {da.tolist()}; use DABucketBatchSampler.")
         image = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking)
-        target = None if self.target_key is None else image if self.target_key == self.image_key else torch.as_tensor(
-            batchdata[self.target_key]).to(device=device, non_blocking=non_blocking)
+        target = (
+            None
+            if self.target_key is None
+            else image
+            if self.target_key == self.image_key
+            else torch.as_tensor(batchdata[self.target_key]).to(device=device, non_blocking=non_blocking)
+        )
         return image, target, (), {"aniso_d": int(da[0])}
 
 

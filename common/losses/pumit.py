@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from ignite.metrics import Metric
 from torch import nn
 from torch.nn import functional as F
 
@@ -189,11 +190,19 @@ class DeepSupervisionLoss(nn.Module):
         return total
 
 
-class TokenAgreement(nn.Module):
-    """Fraction of masked tokens whose predicted code (argmax) equals the tokenizer's most likely code.
+class TokenAgreement(Metric):
+    """Ignite metric: fraction of masked tokens whose predicted code (argmax) is the tokenizer's most likely code.
 
-    A higher-is-better validation metric for MIM (wrap it in ``IgniteMetricHandler(loss_fn=...)``).
+    A higher-is-better MIM validation score; ``output_transform`` must give ``(pred, target)`` of shape (M, K).
     """
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return (pred.argmax(dim=-1) == target.argmax(dim=-1)).float().mean()
+    def reset(self) -> None:
+        self._hits, self._count = 0, 0
+
+    def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        pred, target = output
+        self._hits += int((pred.argmax(dim=-1) == target.argmax(dim=-1)).sum())
+        self._count += pred.shape[0]
+
+    def compute(self) -> float:
+        return self._hits / max(self._count, 1)

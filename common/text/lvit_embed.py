@@ -69,7 +69,7 @@ class BertWordEmbedder:
         self.device = torch.device(device)
         self.local_files_only = local_files_only
         self.tokenizer = tokenizer
-        self.model = model
+        self.model = model.to(self.device).eval() if model is not None else None
         self.calls = 0
 
     @property

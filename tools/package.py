@@ -1,0 +1,111 @@
+"""Release zips: ``<name>_v<version>.zip`` with one top-level folder and ``common`` vendored inside.
+
+Files under ``models/`` that exist locally (trained weights) go into the zip and into its
+``large_files.yml`` with their sha256, so a user of the zip can check them with
+``python -m monai.bundle download_large_files``; the git copy of the bundle is never modified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+
+import yaml
+
+import common
+from tools.bundle_io import REPO_ROOT, copy_bundle, discover_bundles, load_metadata
+
+COMMON_DIR = os.path.dirname(os.path.abspath(common.__file__))
+DEFAULT_URL_TEMPLATE = "https://github.com/OWNER/REPO/releases/download/{name}_v{version}/{file}"
+WEIGHT_SUFFIXES = (".pt", ".pth", ".ts")
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _release_weights(bundle: str) -> list[str]:
+    """Trained weights present in ``models/`` (relative paths), excluding resume state and exports for CI."""
+    models = os.path.join(bundle, "models")
+    if not os.path.isdir(models):
+        return []
+    names = sorted(
+        n for n in os.listdir(models) if n.endswith(WEIGHT_SUFFIXES) and not n.startswith(("last", "verify"))
+    )
+    return [f"models/{n}" for n in names]
+
+
+def _write_large_files(staged: str, weights: list[str], name: str, version: str, url_template: str) -> None:
+    path = os.path.join(staged, "large_files.yml")
+    with open(path) as f:
+        entries = (yaml.safe_load(f) or {}).get("large_files", [])
+    listed = {e["path"] for e in entries}
+    for rel in weights:
+        file_hash = sha256_of(os.path.join(staged, rel))
+        url = url_template.format(name=name, version=version, file=os.path.basename(rel))
+        if rel in listed:
+            entry = next(e for e in entries if e["path"] == rel)
+            if entry.get("hash_val") and entry["hash_val"] != file_hash:
+                raise ValueError(
+                    f"{rel}: local file sha256 {file_hash} differs from large_files.yml {entry['hash_val']}"
+                )
+            entry.update(hash_val=file_hash, hash_type="sha256")
+        else:
+            entries.append({"path": rel, "url": url, "hash_val": file_hash, "hash_type": "sha256"})
+    with open(path, "w") as f:
+        yaml.safe_dump({"large_files": entries}, f, sort_keys=False)
+
+
+def package_bundle(bundle: str, out_dir: str = "dist", url_template: str | None = None) -> str:
+    """Write ``<out_dir>/<name>_v<version>.zip`` and return its path; refuses to overwrite an existing zip."""
+    bundle = os.path.abspath(bundle)
+    name = os.path.basename(os.path.normpath(bundle))
+    version = load_metadata(bundle)["version"]
+    os.makedirs(out_dir, exist_ok=True)
+    zip_path = os.path.abspath(os.path.join(out_dir, f"{name}_v{version}.zip"))
+    if os.path.exists(zip_path):
+        raise FileExistsError(f"{zip_path} exists; bump the bundle version or remove the old zip")
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = copy_bundle(bundle, os.path.join(tmp, name))
+        weights = _release_weights(bundle)
+        for rel in weights:
+            shutil.copy2(os.path.join(bundle, rel), os.path.join(staged, rel))
+        _write_large_files(staged, weights, name, version, url_template or DEFAULT_URL_TEMPLATE)
+        shutil.copytree(COMMON_DIR, os.path.join(staged, "common"), ignore=shutil.ignore_patterns("__pycache__"))
+        with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for folder, _, files in os.walk(staged):
+                for file in sorted(files):
+                    full = os.path.join(folder, file)
+                    zf.write(full, os.path.relpath(full, tmp))
+    print(f"wrote {zip_path} ({os.path.getsize(zip_path) / 1e6:.2f} MB, sha256 {sha256_of(zip_path)})")
+    return zip_path
+
+
+def package_all(out_dir: str = "dist", url_template: str | None = None) -> str:
+    """Package every bundle and write ``model_info.json`` (name, version, sha256, size, url) beside the zips."""
+    template = url_template or DEFAULT_URL_TEMPLATE
+    index = {}
+    for bundle in discover_bundles():
+        zip_path = package_bundle(bundle, out_dir=out_dir, url_template=template)
+        name = os.path.basename(bundle)
+        version = load_metadata(bundle)["version"]
+        index[f"{name}_v{version}"] = {
+            "name": name,
+            "version": version,
+            "sha256": sha256_of(zip_path),
+            "size": os.path.getsize(zip_path),
+            "source": template.format(name=name, version=version, file=os.path.basename(zip_path)),
+        }
+    index_path = os.path.join(out_dir, "model_info.json")
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=4)
+    print(f"wrote {index_path} ({len(index)} bundles) from {REPO_ROOT}")
+    return index_path
