@@ -31,12 +31,12 @@ REPORT = """                                 FINAL REPORT
  INDICATION:  ___ with cough.  Eval for pneumonia.
 
  FINDINGS:
- 
+
  Heart size is normal. There is a 2.5 cm opacity in the right lower lobe, approx. 3 cm from the
  hilum. No pleural effusion.
- 
+
  IMPRESSION:
- 
+
  1. Right lower lobe pneumonia.
  2. Dr. ___ was notified.
 """
@@ -114,7 +114,10 @@ def test_collate_token_layout(tmp_path):
     collate = LoVTCollate(tokenizer, max_length=10)
     batch = collate(
         [
-            {"image": torch.zeros(1, 2, 2), "sentences": ["The heart is enlarged.", "No acute process.", "The lungs are otherwise clear."]},
+            {
+                "image": torch.zeros(1, 2, 2),
+                "sentences": ["The heart is enlarged.", "No acute process.", "The lungs are otherwise clear."],
+            },
             {"image": torch.ones(1, 2, 2), "sentences": ["No acute process."]},
         ]
     )

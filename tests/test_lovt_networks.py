@@ -24,7 +24,9 @@ def n_params(module: torch.nn.Module, trainable: bool = False) -> int:
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("bert")
-    BertConfig(vocab_size=30, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64).save_pretrained(folder)
+    BertConfig(
+        vocab_size=30, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64
+    ).save_pretrained(folder)
     return str(folder)
 
 

@@ -109,7 +109,6 @@ def _validation_workflow(tmp_path, dataset_dir: str) -> ConfigWorkflow:
     )
 
 
-
 def test_label_out_of_range_names_the_file(tmp_path, tiny_demo):
     data = shutil.copytree(tiny_demo, str(tmp_path / "data"))
     bad = os.path.join(data, "labelsTr", "label0001.nii.gz")

@@ -96,7 +96,7 @@ def _write(path: str, array: np.ndarray, lps: bool) -> None:
 
 
 def write_universal_demo(
-    dataset_dir: str, n_train: int = 4, n_val: int = 1, n_test: int = 3, size: int = 48, seed: int = 0
+    dataset_dir: str, n_train: int = 2, n_val: int = 1, n_test: int = 3, size: int = 40, seed: int = 0
 ) -> str:
     """Write the phantoms and ``dataset_list/demo_{train,val,test}.txt`` under ``dataset_dir``; return it.
 

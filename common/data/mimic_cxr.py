@@ -391,7 +391,7 @@ class LoVTCollate:
 def index_statistics(
     index: str, dataset_dir: str, output: str, split: str = "train", max_studies: int | None = None
 ) -> dict[str, float]:
-    """Pixel mean/std (intensities in [0, 1]) of the first frontal image of each study in ``split``; writes ``output``."""
+    """Pixel mean/std (intensities in [0, 1]) of each study's first frontal image in ``split``; writes ``output``."""
     from PIL import Image
 
     records = load_datalist(index, dataset_dir, split)[:max_studies]

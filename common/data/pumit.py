@@ -102,7 +102,9 @@ def _dicom_spacing(series: list, folder: str) -> tuple[float, float, float]:
 
 def _nifti_depth_first(path: str) -> tuple[nib.Nifti1Image, tuple[int, int, int], tuple[float, float, float]]:
     img = nib.load(path)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    with nib.openers.ImageOpener(path) as f:  # raw pixdim: nibabel's load silently turns 0 into 1
+        raw = type(img.header).from_fileobj(f, check=False)
+    zooms = tuple(float(z) for z in raw.get_zooms()[:3])
     if len(img.shape) < 3 or len(zooms) < 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {img.shape}.")
     zooms = _check_spacing(zooms, path)

@@ -36,6 +36,7 @@ __all__ = [
     "UniversalPostProcessd",
     "class_indices",
     "dataset_key",
+    "image_datalist",
     "label_transfer",
     "merge_label_map",
     "organ_post_process",
@@ -86,6 +87,7 @@ TEMPLATE: dict[str, tuple[int, ...]] = {
     "10_09": (1,),
     "10_10": (31,),
     "15": tuple(range(1, 18)),
+    "universal": tuple(range(1, NUM_CLASSES + 1)),
 }
 
 # Raw label value i -> universal index LABEL_MAP[key][i - 1] (0: dropped); official ``label_transfer.py``.
@@ -109,6 +111,8 @@ LABEL_MAP: dict[str, tuple[int, ...]] = {
     "10_10": (31,),
 }
 LABEL_MAP["01_2"] = LABEL_MAP["01"]
+# Not official: labels already in universal indices (MONAI Label, merged predictions), all classes annotated.
+LABEL_MAP["universal"] = tuple(range(1, NUM_CLASSES + 1))
 
 # Tumours folded into their host organ; the tumour channel is rebuilt from these raw values.
 TUMOR_FROM_RAW: dict[str, dict[int, tuple[int, ...]]] = {
@@ -211,8 +215,9 @@ def label_transfer(raw: np.ndarray, key: str, filename: str = "label") -> tuple[
 
 class UniversalLabeld(MapTransform):
     """Replace a raw label (``[1, *spatial]``, RAS) by its 32-channel universal target and store the
-    per-channel annotated mask under ``annotated_key``. The dataset comes from ``dataset_key(data[name_key])``
-    (or ``data[key_key]`` when present). Per-class voxel counts are logged at debug level."""
+    per-channel annotated mask under ``annotated_key``. The dataset comes from ``data[key_key]``, else
+    ``dataset_key(data[name_key])``, else ``default_key`` (``"universal"``: labels already in universal indices,
+    e.g. from MONAI Label). Per-class voxel counts are logged at debug level."""
 
     def __init__(
         self,
@@ -220,12 +225,14 @@ class UniversalLabeld(MapTransform):
         name_key: str = "name",
         key_key: str = "dataset",
         annotated_key: str = "annotated",
+        default_key: str | None = "universal",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.name_key = name_key
         self.key_key = key_key
         self.annotated_key = annotated_key
+        self.default_key = default_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -235,6 +242,8 @@ class UniversalLabeld(MapTransform):
                 ds_key = str(d[self.key_key])
             elif self.name_key in d:
                 ds_key = dataset_key(str(d[self.name_key]))
+            elif self.default_key is not None:
+                ds_key = self.default_key
             else:
                 raise KeyError(f"{filename}: item needs '{self.name_key}' or '{self.key_key}' to pick its label table.")
             lbl = d[key]
@@ -303,9 +312,20 @@ def read_dataset_list(list_file: str | Sequence[str], data_root: str, check_file
     return items
 
 
+def image_datalist(dataset_dir: str, pattern: str = "*.nii.gz") -> list[dict[str, str]]:
+    """``[{"image": path}]`` for the images matching ``pattern`` under ``dataset_dir`` (recursive ``**`` allowed).
+
+    Raises ``FileNotFoundError`` when nothing matches instead of silently running on zero cases.
+    """
+    paths = sorted(str(p) for p in Path(dataset_dir).glob(pattern) if p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"no image matches {pattern!r} under {dataset_dir}.")
+    return [{"image": p} for p in paths]
+
+
 def uniform_sample_weights(items: Sequence[Mapping[str, str]]) -> torch.Tensor:
     """Per-item sampling weights that draw every source dataset equally often (``--uniform_sample``)."""
-    keys = [dataset_key(str(it["name"])) for it in items]
+    keys = [dataset_key(str(it["name"])) if "name" in it else "universal" for it in items]
     counts = Counter(keys)
     return torch.tensor([1.0 / counts[k] for k in keys], dtype=torch.double)
 

@@ -59,12 +59,12 @@ def _model_rows(batch: int, repeats: int) -> list[dict]:
     for precision in ("fp32", "bf16"):
         ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
-        def forward():
+        def forward(ctx=ctx):
             model.eval()
             with torch.no_grad(), ctx():
                 model(x1, t1)
 
-        def step():
+        def step(ctx=ctx):
             model.train()
             opt.zero_grad(set_to_none=True)
             with ctx():
