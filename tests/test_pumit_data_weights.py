@@ -144,8 +144,15 @@ def test_official_mim_checkpoint_into_mim_and_downstream(tmp_path):
     fresh = ViTForMIM(ViT(embed_dim=32, depth=2, num_heads=2, pos_embed_shape=(2, 4, 4)), tok)
     load_weights(fresh, src)
     torch.testing.assert_close(fresh.mask_token, mim.mask_token)
-    down = ViT(in_channels=1, patch_size=(4, 16, 16), adaptive_patch_embed=False, embed_dim=32, depth=2, num_heads=2,
-               pos_embed_shape=(3, 3, 3))
+    down = ViT(
+        in_channels=1,
+        patch_size=(4, 16, 16),
+        adaptive_patch_embed=False,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        pos_embed_shape=(3, 3, 3),
+    )
     load_pretrained_vit(down, src)
     w = mim.vit.patch_embed.weight
     expected = w.reshape(32, 3, 4, 4, 16, 16).sum(dim=3).sum(dim=1, keepdim=True) / 1

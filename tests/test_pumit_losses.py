@@ -57,7 +57,7 @@ def test_tokenizer_loss_perceptual_slices_and_gan_step():
     rec = x.clone().requires_grad_(True)
     logits = torch.zeros(2, 1, 1, 1, 4)
     before = [p.clone() for p in disc.parameters()]
-    loss = loss_fn({"pred": rec, "logits": logits, "probs": logits.softmax(-1), "aniso_d": 0}, x)
+    loss_fn({"pred": rec, "logits": logits, "probs": logits.softmax(-1), "aniso_d": 0}, x)
     assert seen["shape"] == (2 * 3, 3, 16, 16)
     assert loss_fn.disc_loss_ema is not None and not loss_fn.gan_active  # a fresh D is far above 0.025
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))  # D took a step

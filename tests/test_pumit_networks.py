@@ -50,8 +50,16 @@ def test_aniso_d_validation_rule_and_errors():
 
 @pytest.mark.parametrize(
     "depth, aniso_d, grid",
-    [(80, 0, (5, 10, 10)), (40, 1, (5, 10, 10)), (20, 2, (5, 10, 10)), (10, 3, (5, 10, 10)), (5, 4, (5, 10, 10)),
-     (1, 4, (1, 10, 10)), (1, 5, (1, 10, 10)), (1, 6, (1, 10, 10))],
+    [
+        (80, 0, (5, 10, 10)),
+        (40, 1, (5, 10, 10)),
+        (20, 2, (5, 10, 10)),
+        (10, 3, (5, 10, 10)),
+        (5, 4, (5, 10, 10)),
+        (1, 4, (1, 10, 10)),
+        (1, 5, (1, 10, 10)),
+        (1, 6, (1, 10, 10)),
+    ],
 )
 def test_patch_embed_token_grid(depth, aniso_d, grid):
     conv = InflatableConv3d(1, 2, 16, stride=16)
@@ -106,8 +114,12 @@ def test_anisotropic_depth_collapsed_kernel_equals_explicit_sum():
         conv3 = InflatableConv3d(2, 3, 3, padding=1)
         st = SpatialState(aniso_d=3, num_downsamples=1)
         y3 = conv3(x, st)
-        ref3 = F.conv3d(x, conv3.weight[:, :, 0:1] + conv3.weight[:, :, 1:2] + conv3.weight[:, :, 2:3], conv3.bias,
-                        padding=(0, 1, 1))
+        ref3 = F.conv3d(
+            x,
+            conv3.weight[:, :, 0:1] + conv3.weight[:, :, 1:2] + conv3.weight[:, :, 2:3],
+            conv3.bias,
+            padding=(0, 1, 1),
+        )
         torch.testing.assert_close(y3, ref3)
         assert st.num_downsamples == 1
 
@@ -120,8 +132,9 @@ def test_transposed_conv_depth_stride_follows_remaining_upsamples():
         y = convt(x, st)
         assert tuple(y.shape[2:]) == (6, 20, 20) and st.num_downsamples == 2
         w = convt.weight
-        ref = F.conv_transpose3d(x, torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2] + w[:, :, 3]], 2), convt.bias,
-                                 stride=(2, 4, 4))
+        ref = F.conv_transpose3d(
+            x, torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2] + w[:, :, 3]], 2), convt.bias, stride=(2, 4, 4)
+        )
         torch.testing.assert_close(y, ref)
 
 
@@ -200,8 +213,9 @@ def test_mim_visible_only_layers_run():
 
 def test_segmenter_shapes_and_eval_returns_single_tensor():
     vit = tiny_vit(in_channels=1, patch_size=(4, 16, 16), adaptive_patch_embed=False, pos_embed_shape=(3, 3, 3))
-    net = ViTSegmenter(vit, num_classes=3, out_indexes=(0, 1, 1, 1), decoder_channels=(16, 16, 16, 16),
-                       full_res_channels=(8, 8, 16))
+    net = ViTSegmenter(
+        vit, num_classes=3, out_indexes=(0, 1, 1, 1), decoder_channels=(16, 16, 16, 16), full_res_channels=(8, 8, 16)
+    )
     x = torch.rand(1, 1, 8, 32, 32)
     outs = net(x)
     assert [tuple(o.shape) for o in outs] == [(1, 3, 8, 32, 32), (1, 3, 8, 16, 16), (1, 3, 8, 8, 8), (1, 3, 4, 4, 4)]

@@ -12,9 +12,12 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.parse
+import urllib.request
 import zipfile
 
 import yaml
+from monai.apps.utils import download_url, extractall
 
 import common
 from tools.bundle_io import REPO_ROOT, copy_bundle, discover_bundles, load_metadata
@@ -90,7 +93,11 @@ def package_bundle(bundle: str, out_dir: str = "dist", url_template: str | None 
 
 
 def package_all(out_dir: str = "dist", url_template: str | None = None) -> str:
-    """Package every bundle and write ``model_info.json`` (name, version, sha256, size, url) beside the zips."""
+    """Package every bundle and write ``model_info.json`` (name, version, sha256, size, url) beside the zips.
+
+    ``url_template`` (``{name}``, ``{version}``, ``{file}``) gives each zip's download address; a relative one
+    such as ``"{file}"`` is resolved against the index's own address by :func:`fetch_bundle`.
+    """
     template = url_template or DEFAULT_URL_TEMPLATE
     index = {}
     for bundle in discover_bundles():
@@ -109,3 +116,33 @@ def package_all(out_dir: str = "dist", url_template: str | None = None) -> str:
         json.dump(index, f, indent=4)
     print(f"wrote {index_path} ({len(index)} bundles) from {REPO_ROOT}")
     return index_path
+
+
+def _read_index(index: str) -> dict:
+    """``model_info.json`` from a local path or an ``http(s)://`` / ``file://`` address."""
+    if "://" not in index:
+        with open(index) as f:
+            return json.load(f)
+    with urllib.request.urlopen(index, timeout=60) as response:
+        return json.load(response)
+
+
+def fetch_bundle(name: str, index: str, bundle_dir: str = ".", version: str | None = None) -> str:
+    """Download ``name`` listed in the ``model_info.json`` at ``index``, check its sha256, then unzip it.
+
+    ``python -m monai.bundle download --url`` checks no hash; this does (MONAI's ``download_url`` keeps the
+    file in a temporary folder until the hash matches), so a corrupted or tampered zip raises
+    ``HashCheckError`` and nothing is written to ``bundle_dir``. Returns the unpacked bundle folder.
+    """
+    entries = [e for e in _read_index(index).values() if e["name"] == name]
+    if version is not None:
+        entries = [e for e in entries if e["version"] == version]
+    if not entries:
+        raise KeyError(f"{index}: no bundle {name!r}" + (f" version {version}" if version else ""))
+    entry = max(entries, key=lambda e: tuple(int(p) for p in e["version"].split(".") if p.isdigit()))
+    url = urllib.parse.urljoin(index if "://" in index else f"file://{os.path.abspath(index)}", entry["source"])
+    with tempfile.TemporaryDirectory() as tmp:
+        zip_path = os.path.join(tmp, os.path.basename(urllib.parse.urlparse(url).path))
+        download_url(url, filepath=zip_path, hash_val=entry["sha256"], hash_type="sha256", progress=False)
+        extractall(zip_path, output_dir=bundle_dir, has_base=True)
+    return os.path.join(bundle_dir, name)

@@ -29,9 +29,8 @@ class CheckLabelRanged(MapTransform):
             values = torch.unique(torch.as_tensor(d[key]))
             bad = values[(values < 0) | (values > self.max_label) | (values != values.round())]
             if bad.numel():
-                raise ValueError(
-                    f"{source_name(d, key)}: label values {[_plain(v) for v in bad.tolist()[:10]]} are outside 0..{self.max_label}"
-                )
+                shown = [_plain(v) for v in bad.tolist()[:10]]
+                raise ValueError(f"{source_name(d, key)}: label values {shown} are outside 0..{self.max_label}")
         return d
 
 

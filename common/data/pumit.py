@@ -191,7 +191,10 @@ def load_pumit_datalist(path: str, split: str = "training", scale: Sequence[floa
 
 
 class LoadPUMITImaged(MapTransform):
-    """Read ``d[key]`` (NIfTI / PNG / DICOM folder) to a ``(1, D, H, W)`` tensor in [0, 1]; set ``spacing`` and ``aniso_d``."""
+    """Read ``d[key]`` (NIfTI / PNG / DICOM folder) to a ``(1, D, H, W)`` MetaTensor in [0, 1].
+
+    Also sets ``spacing`` (depth-first) and ``aniso_d``.
+    """
 
     def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
@@ -213,7 +216,7 @@ class LoadPUMITImaged(MapTransform):
 
 
 class PUMITCropd(Randomizable, MapTransform):
-    """Random crop of ``(tz * (patch >> DA), patch * tx, patch * tx)`` voxels (``tz = 1`` for 2D), zero-padded if small."""
+    """Random crop of ``(tz * (patch >> DA), patch * tx, patch * tx)`` voxels (``tz = 1`` in 2D), padded if small."""
 
     def __init__(self, keys: KeysCollection = "image", tz: int = 5, tx: int = 10, patch: int = 16):
         super().__init__(keys)
@@ -238,7 +241,7 @@ class PUMITCropd(Randomizable, MapTransform):
 
 
 class PadToTokenGridd(MapTransform):
-    """Zero-pad (end of each axis) so the token grid is whole: depth to a multiple of ``patch >> DA``, in-plane of ``patch``."""
+    """Zero-pad the end of each axis to whole tokens: depth to a multiple of ``patch >> DA``, in-plane of ``patch``."""
 
     def __init__(self, keys: KeysCollection = "image", patch: int = 16):
         super().__init__(keys)
@@ -306,7 +309,7 @@ class PUMITPrepareBatch(PrepareBatch):
 
 
 def load_medmnist_npz(path: str, split: str = "train") -> list[dict]:
-    """MedMNIST-3D ``.npz`` (``{split}_images`` N x 28^3 uint8, ``{split}_labels`` N x 1) as ``{"image", "label"}`` items."""
+    """MedMNIST-3D ``.npz`` (``{split}_images`` N x 28^3 uint8, ``{split}_labels`` N x 1) as image / label items."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: MedMNIST npz not found.")
     with np.load(path) as npz:

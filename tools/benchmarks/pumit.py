@@ -15,7 +15,14 @@ from torch import nn
 
 from common.losses.pumit import MIMLoss
 from common.networks.pumit import ANISO_D_2D, InflatableConv3d, SpatialState, Tokenizer, ViTForMIM, vit_b
-from tools.benchmarks._harness import PEAK_GFLOPS, autocast, count_flops, median_seconds, print_table, run_phase_subprocess
+from tools.benchmarks._harness import (
+    PEAK_GFLOPS,
+    autocast,
+    count_flops,
+    median_seconds,
+    print_table,
+    run_phase_subprocess,
+)
 
 MODULE = "tools.benchmarks.pumit"
 
@@ -94,14 +101,17 @@ def mim_step(dtype: str, batch: int = 1, repeats: int = 2) -> dict:
     return {"seconds": median_seconds(step, repeats=repeats), "gflops": flops / 1e9}
 
 
-def main(threads: int = 2, keep_heap: bool = True, dtypes: str = "float32,bfloat16", out: str | None = None) -> list[dict]:
-    dtype_list = [d.strip() for d in str(dtypes).split(",")]
+def main(
+    threads: int = 2, keep_heap: bool = True, dtypes: str = "float32,bfloat16", out: str | None = None
+) -> list[dict]:
+    dtype_list = list(dtypes) if isinstance(dtypes, (list, tuple)) else [d.strip() for d in str(dtypes).split(",")]
     opts = {"threads": threads, "keep_heap": keep_heap}
     rows = []
     for case in SAC_CASES:
         for dtype in dtype_list:
             r = run_phase_subprocess(MODULE, "sac", case=case, dtype=dtype, **opts)
             rows.append({"phase": f"SAC {case}", "dtype": dtype, "vs plain": r["seconds"] / r["plain_seconds"], **r})
+            print(json.dumps(rows[-1]), flush=True)
     phases = [
         ("vit_forward", "ViT-B forward 1x3x80x160^2 (5x10^2 tokens)", {}),
         ("vit_forward", "ViT-B forward 2D 1x3x1x224^2", {"shape": (1, 224, 224), "aniso_d": ANISO_D_2D}),
@@ -112,6 +122,7 @@ def main(threads: int = 2, keep_heap: bool = True, dtypes: str = "float32,bfloat
         for dtype in dtype_list:
             r = run_phase_subprocess(MODULE, phase, dtype=dtype, **kw, **opts)
             rows.append({"phase": label, "dtype": dtype, **r})
+            print(json.dumps(rows[-1]), flush=True)
     for r in rows:
         r["GFLOP/s"] = r["gflops"] / r["seconds"]
         r["% of peak"] = 100.0 * r["GFLOP/s"] / PEAK_GFLOPS[r["dtype"]]

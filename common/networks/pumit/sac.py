@@ -281,7 +281,7 @@ def resample(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def inflate_2d_kernel(weight: torch.Tensor, depth: int, mode: str = "average") -> torch.Tensor:
-    """Inflate a ``(co, ci, kh, kw)`` kernel to depth ``depth``: ``average`` repeats / d, ``center`` places it mid-depth."""
+    """Inflate a ``(co, ci, kh, kw)`` kernel to ``depth`` taps: ``average`` repeats / d, ``center`` puts it mid-way."""
     if mode == "average":
         return weight.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth
     if mode == "center":
