@@ -1,4 +1,4 @@
-"""``python -m tools verify|package|demo|convert|benchmark``: the collection's command-line interface."""
+"""``python -m tools verify|package|fetch|demo|convert|benchmark``: the collection's command-line interface."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _plugin(package: str, name: str, attr: str):
 
 
 class Tools:
-    """Verify, package, demo, convert and benchmark the bundles under ``bundles/``."""
+    """Verify, package, fetch, demo, convert and benchmark the bundles under ``bundles/``."""
 
     def verify(self, bundle: str, schema: str | None = None, device: str = "cpu", skip_export: bool = False) -> None:
         """Offline model-zoo checks for one bundle (files, metadata schema, net in/out, TorchScript, ONNX)."""
@@ -38,6 +38,12 @@ class Tools:
         if bundle is None:
             raise SystemExit("name a bundle folder or pass --all")
         return package_bundle(bundle, out_dir=out_dir)
+
+    def fetch(self, name: str, index: str, bundle_dir: str = ".", version: str | None = None) -> str:
+        """Download a bundle listed in a ``model_info.json`` index, check its sha256, then unzip it."""
+        from tools.package import fetch_bundle
+
+        return fetch_bundle(name, index, bundle_dir=bundle_dir, version=version)
 
     def demo(self, bundle: str, epochs: int | None = None, steps: str = "train,evaluate,infer,export") -> None:
         """Generate the bundle's demo data, then train, evaluate, infer and export through ``monai.bundle``."""

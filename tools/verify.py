@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+from monai.bundle.scripts import _get_fake_spatial_shape  # the shape patterns ("32*n") verify_net_in_out reads
 
 import common
 from tools.bundle_io import REPO_ROOT, copy_bundle, load_metadata, on_sys_path, parse_bundle
@@ -135,8 +136,9 @@ def check_large_files(bundle: str) -> None:
 
 
 def _example_inputs(meta: dict, device: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Random inputs of the metadata's shape; patterns such as ``"32*n"`` resolve as in ``verify_net_in_out`` (n=1)."""
     image = meta["network_data_format"]["inputs"]["image"]
-    shape = [1, image["num_channels"], *[int(s) for s in image["spatial_shape"]]]
+    shape = [1, image["num_channels"], *_get_fake_spatial_shape(image["spatial_shape"])]
     extra = {k: torch.rand(*v, device=device) for k, v in meta.get("verify", {}).get("extra_inputs", {}).items()}
     return torch.rand(*shape, device=device), extra
 

@@ -41,6 +41,9 @@ class LoVTTrainStep:
     Every iteration is one micro-batch; the optimizer (and the per-step ``lr_scheduler``, the paper's
     cosine schedule) steps every ``accumulation_steps`` iterations and at the end of each epoch.
     Uses the trainer's ``amp`` flag and ``scaler``; with AMP on CPU it autocasts to bfloat16.
+    The output is a one-element list holding the loss terms: the shape of a decollated
+    ``SupervisedTrainer`` output, so handlers reading ``from_engine(["loss"], first=True)`` (MONAI's
+    bundle tracking among them) get the scalar loss.
     """
 
     def __init__(self, accumulation_steps: int = 16, lr_scheduler: Any = None) -> None:
@@ -49,7 +52,7 @@ class LoVTTrainStep:
         self.accumulation_steps = accumulation_steps
         self.lr_scheduler = lr_scheduler
 
-    def __call__(self, engine: Engine, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def __call__(self, engine: Engine, batch: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
         inputs = lovt_inputs(batch, engine.state.device)
         engine.network.train()
         device_type = inputs["image"].device.type
@@ -70,7 +73,7 @@ class LoVTTrainStep:
             engine.optimizer.zero_grad(set_to_none=True)
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
-        return _detached(terms)
+        return [_detached(terms)]
 
 
 class LoVTEvalStep:
