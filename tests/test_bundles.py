@@ -57,6 +57,7 @@ def test_train_evaluate_infer_on_demo_data(bundle, bundle_copy, demo_data_dirs, 
     with on_sys_path(root):
         if os.path.exists(os.path.join(root, "configs", "train.json")):
             overrides = {"dataset_dir": dataset_dir, "train#trainer#max_epochs": 1}
+            overrides |= {"train#trainer#epoch_length": 2, "validate#evaluator#epoch_length": 1}  # evaluate runs all
             _run(_workflow(root, ["train.json", "demo.json"], "train", **overrides))
             assert os.path.isfile(os.path.join(root, "models", "model.pt")), "training must write models/model.pt"
             _run(_workflow(root, ["train.json", "evaluate.json", "demo.json"], "train", dataset_dir=dataset_dir))

@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -144,6 +145,15 @@ def _example_inputs(meta: dict, device: str) -> tuple[torch.Tensor, dict[str, to
 
 
 def _max_abs_diff(a: Any, b: Any) -> float:
+    """Largest absolute difference between two outputs: tensors, or dicts / sequences of them (same structure)."""
+    if isinstance(a, Mapping):
+        if set(a) != set(b):
+            raise VerificationError(f"exported output keys {sorted(b)} differ from eager {sorted(a)}")
+        return max(_max_abs_diff(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            raise VerificationError(f"exported output has {len(b)} items, eager {len(a)}")
+        return max(_max_abs_diff(x, y) for x, y in zip(a, b))
     return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
 
 
