@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tools.bundle_io import BUNDLES_DIR
+from tools.bundle_io import BUNDLES_DIR, copy_bundle
 from tools.package import package_bundle
 from tools.verify import VerificationError, check_files, check_large_files, check_metadata, check_name, resolve_schema
 
@@ -19,7 +18,8 @@ BUNDLE = os.path.join(BUNDLES_DIR, "unetr_btcv_segmentation")
 
 @pytest.fixture
 def broken(tmp_path):
-    return shutil.copytree(BUNDLE, tmp_path / "unetr_btcv_segmentation", ignore=shutil.ignore_patterns("demo_data"))
+    """A copy of the UNETR bundle's tracked files (no local weights or outputs), for tests to break."""
+    return copy_bundle(BUNDLE, str(tmp_path / "unetr_btcv_segmentation"))
 
 
 def _edit_metadata(bundle, **changes) -> None:

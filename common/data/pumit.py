@@ -309,7 +309,10 @@ class PUMITPrepareBatch(PrepareBatch):
 
 
 def load_medmnist_npz(path: str, split: str = "train") -> list[dict]:
-    """MedMNIST-3D ``.npz`` (``{split}_images`` N x 28^3 uint8, ``{split}_labels`` N x 1) as image / label items."""
+    """MedMNIST-3D ``.npz`` (``{split}_images`` N x 28^3 uint8, ``{split}_labels`` N x 1) as image / label items.
+
+    Each item also carries ``filename_or_obj`` = ``"<file>#<split>/<index>"``, the key MONAI's savers read.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: MedMNIST npz not found.")
     with np.load(path) as npz:
@@ -319,7 +322,12 @@ def load_medmnist_npz(path: str, split: str = "train") -> list[dict]:
         images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
     if images.ndim != 4:
         raise ValueError(f"{path}: {split}_images must be N x D x H x W, got shape {images.shape}.")
+    name = os.path.basename(path)
     return [
-        {"image": (img[None].astype(np.float32) / 255.0), "label": int(np.asarray(lab).reshape(-1)[0])}
-        for img, lab in zip(images, labels)
+        {
+            "image": (img[None].astype(np.float32) / 255.0),
+            "label": int(np.asarray(lab).reshape(-1)[0]),
+            "filename_or_obj": f"{name}#{split}/{index}",  # names the sample in saved predictions
+        }
+        for index, (img, lab) in enumerate(zip(images, labels))
     ]

@@ -8,14 +8,11 @@ pipeline with cached text embeddings vs a BERT-Base-sized encoder run per sample
 from __future__ import annotations
 
 import json
-import resource
-import statistics
 import tempfile
 import time
 from contextlib import nullcontext
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from common.data.demo_lvit import make_lvit_demo
 from common.data.lvit_templates import QATA_WORDS
@@ -23,28 +20,9 @@ from common.data.qata import lvit_datalist
 from common.losses.lvit import LViTDiceBCE
 from common.networks.lvit import LViT
 from common.text.lvit_embed import LViTTextEmbedder, random_bert_word_embedder
+from tools.benchmarks._harness import PEAK_GFLOPS, count_flops, median_seconds, peak_rss_gb
 
-PEAK_GFLOPS = {"fp32": 160.0, "bf16": 614.0}
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _flops(fn) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+PEAK = {"fp32": PEAK_GFLOPS["float32"], "bf16": PEAK_GFLOPS["bfloat16"]}
 
 
 def _model_rows(batch: int, repeats: int) -> list[dict]:
@@ -73,8 +51,8 @@ def _model_rows(batch: int, repeats: int) -> list[dict]:
             opt.step()
 
         for name, fn in (("forward b1", forward), (f"train step b{batch}", step)):
-            flops = _flops(fn)
-            sec = _median_time(fn, repeats)
+            flops = count_flops(fn)
+            sec = median_seconds(fn, repeats=repeats)
             gflops = flops / sec / 1e9
             rows.append(
                 {
@@ -82,8 +60,8 @@ def _model_rows(batch: int, repeats: int) -> list[dict]:
                     "seconds": round(sec, 3),
                     "GFLOP": round(flops / 1e9, 1),
                     "GFLOP/s": round(gflops, 1),
-                    "% of peak": round(100 * gflops / PEAK_GFLOPS[precision], 1),
-                    "peak RSS GB": round(_rss_gb(), 2),
+                    "% of peak": round(100 * gflops / PEAK[precision], 1),
+                    "peak RSS GB": round(peak_rss_gb(), 2),
                 }
             )
     return rows
@@ -125,7 +103,7 @@ def _epoch_rows(n_train: int) -> list[dict]:
                     "measurement": f"data epoch, {n_train} images, text {mode}",
                     "seconds": round(sec, 3),
                     "encoder calls": embedder.encoder_calls - calls,
-                    "peak RSS GB": round(_rss_gb(), 2),
+                    "peak RSS GB": round(peak_rss_gb(), 2),
                 }
             )
     return rows
