@@ -22,20 +22,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-PEAK = {"fp32": 160.0, "bf16": 614.0}
+from tools.benchmarks._harness import PEAK_GFLOPS, count_flops, median_seconds
+
+PEAK = {"fp32": PEAK_GFLOPS["float32"], "bf16": PEAK_GFLOPS["bfloat16"]}
 PHASES = ("head", "forward", "train", "sliding")
-
-
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _cpu_time(fn: Callable[[], object], repeats: int) -> float:
@@ -48,10 +39,8 @@ def _cpu_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _flops(fn: Callable[[], object]) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
+def _gflop(fn: Callable[[], object]) -> float:
+    return count_flops(fn) / 1e9
 
 
 def loop_head(features: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -92,9 +81,9 @@ def _phase(phase: str, size: int, repeats: int, volume: tuple[int, int, int], he
         params = torch.randn(2, 32, 153) * 0.3
         with torch.no_grad():
             diff = (dynamic_head(feats, params, head_chunk) - loop_head(feats, params)).abs().max().item()
-            gflop = _flops(lambda: dynamic_head(feats, params, head_chunk))
-            t_loop = _time(lambda: loop_head(feats, params), repeats)
-            t_batched = _time(lambda: dynamic_head(feats, params, head_chunk), repeats)
+            gflop = _gflop(lambda: dynamic_head(feats, params, head_chunk))
+            t_loop = median_seconds(lambda: loop_head(feats, params), repeats=repeats)
+            t_batched = median_seconds(lambda: dynamic_head(feats, params, head_chunk), repeats=repeats)
             c_loop = _cpu_time(lambda: loop_head(feats, params), repeats)
             c_batched = _cpu_time(lambda: dynamic_head(feats, params, head_chunk), repeats)
         rows.append(_row("head loop (official), B2 K32", t_loop, gflop, cpu_seconds=round(c_loop, 2)))
@@ -127,7 +116,7 @@ def _phase(phase: str, size: int, repeats: int, volume: tuple[int, int, int], he
                 loss.backward()
                 opt.step()
 
-            rows.append(_row("train step B1", _time(step, repeats), _flops(step), dtype))
+            rows.append(_row("train step B1", median_seconds(step, repeats=repeats), _gflop(step), dtype))
         return rows
     net.eval()
     with torch.no_grad():
@@ -139,7 +128,7 @@ def _phase(phase: str, size: int, repeats: int, volume: tuple[int, int, int], he
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
                         return net(x)
 
-                rows.append(_row("forward B1", _time(fwd, repeats), _flops(fwd), dtype))
+                rows.append(_row("forward B1", median_seconds(fwd, repeats=repeats), _gflop(fwd), dtype))
         elif phase == "sliding":
             from monai.inferers import SlidingWindowInferer
 
@@ -152,7 +141,7 @@ def _phase(phase: str, size: int, repeats: int, volume: tuple[int, int, int], he
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
                         return inferer(x, net).float()
 
-                gflop = _flops(slide)
+                gflop = _gflop(slide)
                 t = time.perf_counter()
                 outs[dtype] = slide()
                 rows.append(_row(f"sliding window {'x'.join(map(str, volume))}", time.perf_counter() - t, gflop, dtype))
