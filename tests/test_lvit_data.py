@@ -10,7 +10,7 @@ import torch
 from openpyxl import Workbook
 from PIL import Image
 
-from common.data.demo_lvit import make_lvit_demo
+from common.data.demo_lvit import _opacities, make_lvit_demo
 from common.data.lvit_templates import DEFAULT_TEMPLATE_TEXTS, describe, parse_zones, zone_mask
 from common.data.lvit_transforms import LViTRandAugmentd, ZeroLabelIfMissingd
 from common.data.qata import check_lvit_dataset, lvit_datalist, read_text_table
@@ -46,6 +46,15 @@ def test_demo_layout_and_datalist(demo):
     zones = zone_mask(parse_zones(first["text"]), 64) > 0
     assert mask.any() and not (mask & ~zones).any()  # the lesion lies where the text says
     assert make_lvit_demo(demo) == demo  # idempotent
+
+
+def test_demo_distractors_look_like_lesions_outside_the_named_zones():
+    zones = {("left", "upper"), ("left", "middle")}
+    lesion, distractor = _opacities(64, zones, 3, np.random.default_rng(0))
+    named = zone_mask(zones, 64) > 0
+    assert lesion.any() and distractor.any()
+    assert not (lesion.astype(bool) & ~named).any() and not (distractor.astype(bool) & named).any()
+    assert not _opacities(64, zones, 0, np.random.default_rng(0))[1].any()
 
 
 def test_filename_rule_and_combined_table(tmp_path):
@@ -86,6 +95,15 @@ def test_augmentation_keeps_image_and_label_aligned():
         ops.add(t._op)
         assert out["image"].shape == (2, 16, 16) and torch.equal(out["image"][:1], out["label"])
     assert ops == {"rot_flip", "rotate", "none"}
+
+
+def test_semi_augmentation_leaves_unlabelled_images_in_their_frame():
+    t = LViTRandAugmentd(["image", "label"], only_if_key="labelled")
+    t.set_random_state(0)
+    img = torch.arange(16 * 16, dtype=torch.float32).view(1, 16, 16)
+    moved = [not torch.equal(t({"image": img, "label": img, "labelled": 1})["image"], img) for _ in range(10)]
+    assert any(moved)
+    assert all(torch.equal(t({"image": img, "label": img, "labelled": 0})["image"], img) for _ in range(10))
 
 
 def test_zero_label_for_unlabelled():

@@ -121,6 +121,8 @@ def test_multiclass_returns_logits_and_without_text_ignores_text():
     with torch.no_grad():
         assert torch.equal(no_text(x, torch.rand(1, 10, 32)), no_text(x, torch.rand(1, 10, 32)))
         assert torch.equal(no_text(x, None), no_text(x, torch.rand(1, 10, 32)))
+    with pytest.raises(TypeError, match="--use_text False"):
+        LViT(use_text="false", **SMALL)
 
 
 def test_unet_baseline_and_pretrain_transfer():

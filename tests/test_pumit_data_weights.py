@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.demo_pumit import write_medmnist_demo, write_pretraining_demo
+from common.data.demo_btcv import write_btcv_demo
+from common.data.demo_pumit import write_btcv_pretraining_datalist, write_medmnist_demo, write_pretraining_demo
 from common.data.pumit import (
     DABucketBatchSampler,
     LoadPUMITImaged,
@@ -94,6 +95,14 @@ def test_missing_image_and_unknown_format(tmp_path):
     (tmp_path / "x.txt").write_text("")
     with pytest.raises(ValueError, match=r"x\.txt: unsupported"):
         read_spacing(str(tmp_path / "x.txt"))
+
+
+def test_btcv_demo_as_pumit_datalist_keeps_splits(tmp_path):
+    btcv = write_btcv_demo(str(tmp_path / "btcv"), num_training=2, num_validation=1, shape=(32, 32, 8))
+    path = write_btcv_pretraining_datalist(btcv)
+    train, val = load_pumit_datalist(path, "training"), load_pumit_datalist(path, "validation")
+    assert len(train) == 2 and len(val) == 1 and not {i["image"] for i in train} & {i["image"] for i in val}
+    assert all(i["aniso_d"] == 1 and "label" not in i for i in train + val)  # 2.5 / 0.9 mm -> DA 1
 
 
 def test_medmnist_npz(tmp_path):

@@ -1,8 +1,9 @@
 """Synthetic QaTa-COV19-like demo data: faint chest-X-ray-like PNGs whose lesion zones are written in the text.
 
-The lesions are low-contrast blobs inside the lung thirds that the QaTa-style sentence names, so the text tells
-the network where to look. The tree is exactly QaTa's (``img/covid_k.png``, ``labelcol/mask_covid_k.png``,
-``<Split>_text.xlsx``); a small random-BERT vocabulary is written to ``text_encoder/`` for offline embedding.
+The lesions are low-contrast blobs inside the lung thirds that the QaTa-style sentence names; look-alike blobs
+(not labelled) sit in the other lung thirds, so only the text tells the network which opacities are lesions.
+The tree is exactly QaTa's (``img/covid_k.png``, ``labelcol/mask_covid_k.png``, ``<Split>_text.xlsx``); a small
+random-BERT vocabulary is written to ``text_encoder/`` for offline embedding.
 """
 
 from __future__ import annotations
@@ -37,17 +38,32 @@ def _chest(size: int, rng: np.random.Generator) -> np.ndarray:
     return img + rng.normal(0, 8.0, img.shape).astype(np.float32)
 
 
-def _lesion(size: int, zones: set[tuple[str, str]], rng: np.random.Generator) -> np.ndarray:
-    """A blob mask covering part of each named lung's zones."""
+def _blobs(size: int, allowed: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """A mask of ``count`` merged round blobs centred inside ``allowed`` and clipped to it."""
     rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
-    allowed = zone_mask(zones, size) > 0
     field = np.zeros((size, size), dtype=np.float32)
     ys, xs = np.nonzero(allowed)
-    for _ in range(2 * len(zones)):
+    for _ in range(count):
         k = int(rng.integers(0, len(ys)))
         r = rng.uniform(0.04, 0.07) * size
         field += np.exp(-((rows - ys[k]) ** 2 + (cols - xs[k]) ** 2) / (2 * r**2))
     return ((field > 0.5) & allowed).astype(np.float32)
+
+
+def _opacities(
+    size: int, zones: set[tuple[str, str]], distractors: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The lesion mask (blobs in the named zones) and a distractor mask (look-alike blobs elsewhere in the lungs).
+
+    The distractors are what makes the text informative: from the image alone a lesion and a
+    distractor are indistinguishable, the sentence says which zones are infected.
+    """
+    named = zone_mask(zones, size) > 0
+    lesion = _blobs(size, named, 2 * len(zones), rng)
+    others = (zone_mask({(s, z) for s in ("left", "right") for z in ZONES}, size) > 0) & ~named
+    if distractors == 0 or not others.any():
+        return lesion, np.zeros_like(lesion)
+    return lesion, _blobs(size, others, distractors, rng)
 
 
 def make_lvit_demo(
@@ -56,12 +72,14 @@ def make_lvit_demo(
     n_val: int = 8,
     n_test: int = 8,
     size: int = 224,
-    contrast: float = 14.0,
+    contrast: float = 6.0,
+    distractors: int = 2,
     seed: int = 0,
 ) -> str:
     """Write the demo tree to ``dataset_dir`` (skipped when already complete) and return ``dataset_dir``.
 
     ``contrast`` is the lesion brightness over lung tissue in grey levels (noise sigma 8), faint on purpose.
+    ``distractors`` look-alike blobs are added outside the named zones (none when every zone is named).
     """
     from openpyxl import Workbook
 
@@ -86,8 +104,9 @@ def make_lvit_demo(
         for _ in range(n):
             index += 1
             zones = _random_zones(rng)
-            mask = _lesion(size, zones, rng)
-            img = np.clip(_chest(size, rng) + contrast * mask, 0, 255).astype(np.uint8)
+            mask, distractor = _opacities(size, zones, distractors, rng)
+            opacity = np.maximum(mask, distractor)
+            img = np.clip(_chest(size, rng) + contrast * opacity, 0, 255).astype(np.uint8)
             name = f"covid_{index}.png"
             Image.fromarray(img).convert("RGB").save(os.path.join(folder, "img", name))
             Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(folder, "labelcol", f"mask_{name}"))

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-__all__ = ["write_medmnist_demo", "write_pretraining_demo"]
+__all__ = ["write_btcv_pretraining_datalist", "write_medmnist_demo", "write_pretraining_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,23 @@ def write_pretraining_demo(dataset_dir: str, copies: int = 2, num_png: int = 4, 
     with open(os.path.join(dataset_dir, "datalist.json"), "w") as f:
         json.dump(datalist, f, indent=4)
     return dataset_dir
+
+
+def write_btcv_pretraining_datalist(btcv_dir: str, datalist_json: str = "dataset_0.json") -> str:
+    """Write ``<btcv_dir>/pumit_datalist.json``: the BTCV images (no labels) of ``datalist_json`` as a PUMIT data list.
+
+    The training / validation images stay in their splits, so MIM pre-training on the BTCV demo never sees the
+    downstream validation cases. Returns the path; pass it as ``--datalist`` to the pre-training bundle.
+    """
+    with open(os.path.join(btcv_dir, datalist_json)) as f:
+        src = json.load(f)
+    content = {"datasets": {"btcv": {"weight": 1.0}}}
+    for split in ("training", "validation"):
+        content[split] = [{"image": e["image"], "dataset": "btcv"} for e in src[split]]
+    path = os.path.join(btcv_dir, "pumit_datalist.json")
+    with open(path, "w") as f:
+        json.dump(content, f, indent=4)
+    return path
 
 
 def write_medmnist_demo(

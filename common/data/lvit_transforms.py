@@ -19,11 +19,16 @@ class LViTRandAugmentd(RandomizableTransform, MapTransform):
     p 0.5 rotation by an integer angle in [-20, 19] degrees (nearest, no reshape); otherwise nothing.
 
     Applies the same geometry to every key; arrays are channel-first ``[C, H, W]``.
+
+    ``only_if_key``: augment only samples whose value there is truthy. The semi-supervised recipe passes
+    ``"labelled"``: an unlabelled image must stay in its own frame, because its EPI pseudo-label (an average of
+    earlier predictions) and its LV lung-zone template are both stored in that frame.
     """
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, only_if_key: str | None = None) -> None:
         RandomizableTransform.__init__(self, prob=1.0)
         MapTransform.__init__(self, keys, allow_missing_keys)
+        self.only_if_key = only_if_key
         self._op = "none"
         self._k = 0
         self._axis = 0
@@ -49,6 +54,8 @@ class LViTRandAugmentd(RandomizableTransform, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         self.randomize()
+        if self.only_if_key is not None and not d[self.only_if_key]:
+            return d
         for key in self.key_iterator(d):
             d[key] = self._apply(d[key])
         return d

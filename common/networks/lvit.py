@@ -251,6 +251,8 @@ class LViT(nn.Module):
             raise ValueError(f"LViT needs img_size divisible by 16, got {img_size}")
         if base_channels % 8 != 0:
             raise ValueError(f"LViT needs base_channels divisible by 8 (8 heads), got {base_channels}")
+        if not isinstance(use_text, bool):  # a CLI "--use_text false" arrives as the truthy string 'false'
+            raise TypeError(f"use_text must be a bool (on the command line: --use_text False), got {use_text!r}")
         self.n_classes = n_classes
         self.img_size = img_size
         self.num_text_tokens = num_text_tokens
