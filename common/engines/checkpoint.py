@@ -2,7 +2,9 @@
 
 MONAI's ``CheckpointSaver`` writes in place (ignite ``atomic=False``), so a run killed mid-write
 leaves a truncated file. These savers write to a temporary file in the same folder and rename it,
-so ``models/last.pt`` and ``models/model.pt`` are always complete.
+so ``models/last.pt`` and ``models/model.pt`` are always complete. ``last.pt`` also carries the
+validator's best metric so far: a resumed run keeps comparing against it instead of overwriting
+``model.pt`` with its first, possibly worse, validation.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ def state_of(save_dict: Mapping[str, Any]) -> dict[str, Any]:
     """State dict of one object (flat, as the model zoo ships ``model.pt``) or a dict of state dicts."""
     states = {k: unwrap_module(v).state_dict() for k, v in save_dict.items()}
     return next(iter(states.values())) if len(states) == 1 else states
+
+
+VALIDATOR_BEST_KEY = "validator_best"
+_VALIDATOR_BEST_FIELDS = ("best_metric", "best_metric_epoch", "best_after_min_epoch")
+
+
+def validator_best(trainer: Engine) -> dict[str, Any]:
+    """The best-metric fields of the validator that ``ValidationHandler`` registered on ``trainer`` (or none)."""
+    validator = getattr(trainer, "validator", None)
+    if validator is None:
+        return {}
+    return {k: getattr(validator.state, k) for k in _VALIDATOR_BEST_FIELDS if hasattr(validator.state, k)}
 
 
 def save_atomically(obj: Any, path: str) -> None:
@@ -75,7 +89,7 @@ class LastCheckpointSaver:
 
     def __call__(self, engine: Engine) -> None:
         if is_main_process():
-            save_atomically(state_of(self.save_dict), self.path)
+            save_atomically({**state_of(self.save_dict), VALIDATOR_BEST_KEY: validator_best(engine)}, self.path)
 
 
 class ResumeCheckpointLoader:
@@ -98,6 +112,15 @@ class ResumeCheckpointLoader:
             raise FileNotFoundError(f"cannot resume: no checkpoint at {self.load_path}")
         load_dict = {**self.load_dict, self.engine_key: engine}
         CheckpointLoader(load_path=self.load_path, load_dict=load_dict, map_location=self.map_location).attach(engine)
+        engine.add_event_handler(Events.STARTED, self.restore_validator_best)
+
+    def restore_validator_best(self, engine: Engine) -> None:
+        """Give the validator back its best metric so far, so ``model.pt`` is only replaced by a better model."""
+        validator = getattr(engine, "validator", None)
+        saved = torch.load(self.load_path, map_location="cpu", weights_only=True).get(VALIDATOR_BEST_KEY, {})
+        if validator is not None:
+            for name, value in saved.items():
+                setattr(validator.state, name, value)
 
 
 class BestMetricSaver:

@@ -20,6 +20,7 @@ class ValidationHandler(_MonaiValidationHandler):
     def attach(self, engine: Engine) -> None:
         if self.validator is None:
             raise RuntimeError("please set validator in ValidationHandler before training.")
+        engine.validator = self.validator  # found there by LastCheckpointSaver / ResumeCheckpointLoader
         if not self.epoch_level:
             super().attach(engine)
             return

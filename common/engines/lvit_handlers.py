@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -32,14 +33,14 @@ class BestAfterEpochSaver:
         self.save_dict = save_dict
         self.metric_name = metric_name
         self.min_epoch = min_epoch
-        self.best = float("-inf")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         value = float(engine.state.metrics[self.metric_name])
-        if engine.state.epoch >= self.min_epoch and value > self.best:
-            self.best = value
+        # kept on the evaluator's state, so that last.pt carries it across a resume
+        if engine.state.epoch >= self.min_epoch and value > getattr(engine.state, "best_after_min_epoch", -math.inf):
+            engine.state.best_after_min_epoch = value
             if is_main_process():
                 save_atomically(state_of(self.save_dict), self.path)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
@@ -118,11 +119,18 @@ class LViTSemiIteration:
         index = torch.as_tensor(batchdata["unlabelled_index"]).to(device).long().view(-1)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
+        engine.state.output = {Keys.IMAGE: image, Keys.LABEL: label}
         pred = engine.network(image, text)
+        engine.state.output[Keys.PRED] = pred
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         out = self.compute_loss(pred, label, text, labelled, index)
+        engine.state.output.update(out)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
         out["loss"].backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
-        engine.state.output = {Keys.IMAGE: image, Keys.LABEL: label, Keys.PRED: pred, **out, Keys.LOSS: out["loss"]}
+        # MODEL_COMPLETED triggers the trainer's decollation and post-processing (train metrics, loss logging)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
     def compute_loss(
