@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
@@ -21,8 +22,8 @@ def _engines(metric: float | None = None) -> tuple[Engine, Engine]:
 def test_resumed_run_keeps_the_best_metric_and_model(tmp_path):
     net = torch.nn.Linear(2, 2)
     trainer, validator = _engines()
-    validator.state.best_metric, validator.state.best_metric_epoch = 0.8, 2
-    validator.state.best_after_min_epoch = 0.8
+    validator.state.best_metric, validator.state.best_metric_epoch = np.float64(0.8), 2  # as metric handlers give
+    validator.state.best_after_min_epoch = torch.tensor(0.8, dtype=torch.float64)
     LastCheckpointSaver(str(tmp_path), {"model": net}).attach(trainer)
     trainer.run([0], max_epochs=2)  # writes last.pt at each epoch end
 

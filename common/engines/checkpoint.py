@@ -45,7 +45,9 @@ def validator_best(trainer: Engine) -> dict[str, Any]:
     validator = getattr(trainer, "validator", None)
     if validator is None:
         return {}
-    return {k: getattr(validator.state, k) for k in _VALIDATOR_BEST_FIELDS if hasattr(validator.state, k)}
+    # plain Python numbers: metrics may be numpy or tensor scalars, which weights_only loading refuses
+    best = {k: getattr(validator.state, k) for k in _VALIDATOR_BEST_FIELDS if hasattr(validator.state, k)}
+    return {k: int(v) if k == "best_metric_epoch" else float(v) for k, v in best.items()}
 
 
 def save_atomically(obj: Any, path: str) -> None:
