@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+from monai.bundle import ConfigWorkflow
 
 from common.data.lvit_templates import DEFAULT_TEMPLATE_TEXTS
 from common.engines.checkpoint import save_atomically
 from common.engines.lvit_semi import EPIBank, LViTSemiIteration, LVTemplates, labelled_subset, semi_datalist
 from common.losses.lvit import LViTDiceBCE
+from tools.bundle_io import config_paths, copy_bundle, on_sys_path
+
+LVIT_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bundles", "lvit_qata_covid19_segmentation")
 
 
 class _OneHotEmbedder:
@@ -78,13 +84,7 @@ def test_labelled_subset_and_semi_datalist(tmp_path):
 
 def test_train_semi_config_runs_logs_and_checkpoints_the_bank(tmp_path):
     """``[train, train_semi, demo]`` end to end: stage-A weights load, losses reach the handlers, bank is saved."""
-    import os
-
-    from monai.bundle import ConfigWorkflow
-
-    from tools.bundle_io import config_paths, copy_bundle, on_sys_path
-
-    root = copy_bundle("bundles/lvit_qata_covid19_segmentation", str(tmp_path / "lvit"))
+    root = copy_bundle(LVIT_BUNDLE, str(tmp_path / "lvit"))
     overrides = {"dataset_dir": str(tmp_path / "data"), "max_epochs": 1, "img_size": 64, "save_after_epoch": 0}
     overrides |= {"demo_data#n_train": 8, "demo_data#n_val": 2, "demo_data#n_test": 2, "demo_data#size": 64}
     configs = config_paths(root, ["train.json", "train_semi.json", "demo.json"])

@@ -119,10 +119,12 @@ class ResumeCheckpointLoader:
     def restore_validator_best(self, engine: Engine) -> None:
         """Give the validator back its best metric so far, so ``model.pt`` is only replaced by a better model."""
         validator = getattr(engine, "validator", None)
-        saved = torch.load(self.load_path, map_location="cpu", weights_only=True).get(VALIDATOR_BEST_KEY, {})
-        if validator is not None:
-            for name, value in saved.items():
-                setattr(validator.state, name, value)
+        if validator is None:
+            return
+        # mmap: only the few numbers are read, not the weights a second time
+        saved = torch.load(self.load_path, map_location="cpu", weights_only=True, mmap=True)
+        for name, value in saved.get(VALIDATOR_BEST_KEY, {}).items():
+            setattr(validator.state, name, value)
 
 
 class BestMetricSaver:
