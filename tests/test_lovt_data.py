@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from common.data.cxr_downstream import dataset_statistics, segmentation_datalist
-from common.data.demo_lovt import make_pretraining_demo, make_segmentation_demo, write_tiny_bert
 from common.data.mimic_cxr import (
     LoVTCollate,
     SentenceSwapd,
@@ -24,6 +23,7 @@ from common.data.mimic_cxr import (
     report_sentences,
     split_sentences,
 )
+from common.demo.lovt import make_pretraining_demo, make_segmentation_demo, write_tiny_bert
 
 REPORT = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)

@@ -7,7 +7,7 @@ import torch
 from monai.networks.nets import FlexibleUNet, resnet50
 
 from common.networks.lovt import LoVTImageEncoder, LoVTSegNet
-from common.weights.lovt import export_image_encoder, extract_lovt_image_encoder
+from common.weights.lovt import export_image_encoder, extract_lovt_image_encoder, image_encoder_weights
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_export_loads_into_monai_resnet50(exported):
 
 def test_segnet_initialises_from_export(exported):
     encoder, path = exported
-    net = LoVTSegNet(head="linear", pretrained_encoder=path).eval()
+    net = LoVTSegNet(head="linear", encoder_weights=image_encoder_weights(path)).eval()
     for key, value in encoder.backbone.state_dict().items():
         torch.testing.assert_close(net.encoder.state_dict()[key], value)
     with pytest.raises(KeyError, match="no ResNet50"):

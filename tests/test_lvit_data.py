@@ -10,10 +10,10 @@ import torch
 from openpyxl import Workbook
 from PIL import Image
 
-from common.data.demo_lvit import _opacities, make_lvit_demo
 from common.data.lvit_templates import DEFAULT_TEMPLATE_TEXTS, describe, parse_zones, zone_mask
 from common.data.lvit_transforms import LViTRandAugmentd, ZeroLabelIfMissingd
 from common.data.qata import check_lvit_dataset, lvit_datalist, read_text_table
+from common.demo.lvit import _opacities, make_lvit_demo
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import os
 import torch
 from monai.bundle import ConfigWorkflow
 
+from common.core.io import save_atomically
 from common.data.lvit_templates import DEFAULT_TEMPLATE_TEXTS
-from common.engines.checkpoint import save_atomically
 from common.engines.lvit_semi import EPIBank, LViTSemiIteration, LVTemplates, labelled_subset, semi_datalist
 from common.losses.lvit import LViTDiceBCE
 from tools.bundle_io import config_paths, copy_bundle, on_sys_path

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.demo_btcv import write_btcv_demo
-from common.data.demo_pumit import write_btcv_pretraining_datalist, write_medmnist_demo, write_pretraining_demo
 from common.data.pumit import (
     DABucketBatchSampler,
     LoadPUMITImaged,
@@ -21,6 +19,8 @@ from common.data.pumit import (
     load_pumit_datalist,
     read_spacing,
 )
+from common.demo.btcv import write_btcv_demo
+from common.demo.pumit import write_btcv_pretraining_datalist, write_medmnist_demo, write_pretraining_demo
 from common.networks.pumit import Tokenizer, ViT, ViTForMIM
 from common.weights.pumit import load_pretrained_vit, load_weights
 from tools.converters.pumit import convert

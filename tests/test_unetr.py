@@ -16,7 +16,7 @@ from monai.bundle import ConfigWorkflow
 from monai.networks.nets import UNETR
 
 from common.data.btcv import btcv_datalist
-from common.data.demo_btcv import write_btcv_demo
+from common.demo.btcv import write_btcv_demo
 from common.metrics.btcv import BTCVParityDice, btcv_case_dice
 from common.optim import LinearWarmupCosineAnnealingLR
 from common.weights.unetr import OBSOLETE_UNETR_KEYS, load_unetr_reference

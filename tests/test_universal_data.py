@@ -7,7 +7,6 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from common.data.demo_universal import write_universal_demo
 from common.data.universal import (
     CLASS_NAMES,
     LABEL_MAP,
@@ -25,6 +24,7 @@ from common.data.universal import (
     read_dataset_list,
     uniform_sample_weights,
 )
+from common.demo.universal import write_universal_demo
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from monai.transforms import MapTransform, Randomizable
 from PIL import Image
 from torch.utils.data import Sampler
 
-from common.networks.pumit.sac import ANISO_D_2D, aniso_d_from_spacing
+from common.core.spacing import ANISO_D_2D, aniso_d_from_spacing
 
 __all__ = [
     "DABucketBatchSampler",

@@ -10,24 +10,15 @@ validator's best metric so far: a resumed run keeps comparing against it instead
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
-
-def is_main_process() -> bool:
-    """True on rank 0, or when no process group is running."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def unwrap_module(obj: Any) -> Any:
-    """Strip ``DistributedDataParallel`` / ``DataParallel`` so saved keys match ``network_def``."""
-    return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel) else obj
+from common.core.distributed import is_main_process, unwrap_module
+from common.core.io import save_atomically
 
 
 def state_of(save_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,21 +39,6 @@ def validator_best(trainer: Engine) -> dict[str, Any]:
     # plain Python numbers: metrics may be numpy or tensor scalars, which weights_only loading refuses
     best = {k: getattr(validator.state, k) for k in _VALIDATOR_BEST_FIELDS if hasattr(validator.state, k)}
     return {k: int(v) if k == "best_metric_epoch" else float(v) for k, v in best.items()}
-
-
-def save_atomically(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
 
 
 class LastCheckpointSaver:

@@ -8,6 +8,7 @@ is any Hugging Face BERT-family model encoding all sentences of a report in one 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -304,7 +305,8 @@ class LoVTSegNet(nn.Module):
         head: ``"unet"`` or ``"linear"``.
         out_channels: K, the number of binary masks.
         freeze_encoder: the frozen protocols (the linear protocol is always frozen in the paper).
-        pretrained_encoder: a weight file with the ResNet50 (any layout ``extract_lovt_image_encoder`` reads).
+        encoder_weights: a ResNet50 state dict (torchvision keys) to start from, e.g. from
+            ``common.weights.lovt.image_encoder_weights``; ``None`` keeps the random initialisation.
         bridge_channels, decoder_channels: decoder widths (paper: 2048 and (1024, 512, 256, 128, 64)).
     """
 
@@ -313,7 +315,7 @@ class LoVTSegNet(nn.Module):
         head: str = "unet",
         out_channels: int = 1,
         freeze_encoder: bool = False,
-        pretrained_encoder: str | None = None,
+        encoder_weights: Mapping[str, torch.Tensor] | None = None,
         bridge_channels: int = 2048,
         decoder_channels: tuple[int, ...] = (1024, 512, 256, 128, 64),
     ) -> None:
@@ -322,10 +324,8 @@ class LoVTSegNet(nn.Module):
             raise ValueError(f"head must be 'unet' or 'linear', got {head!r}.")
         self.head_type = head
         self.encoder = ResNetFeatures("resnet50", pretrained=False, spatial_dims=2, in_channels=3)
-        if pretrained_encoder:
-            from common.weights.lovt import extract_lovt_image_encoder
-
-            self.encoder.load_state_dict(extract_lovt_image_encoder(pretrained_encoder))
+        if encoder_weights is not None:
+            self.encoder.load_state_dict(encoder_weights)
         if head == "unet":
             if len(decoder_channels) != 5:
                 raise ValueError(f"decoder_channels needs 5 widths, got {decoder_channels}.")

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from common.engines.checkpoint import is_main_process, save_atomically, unwrap_module
+from common.core.distributed import is_main_process, unwrap_module
+from common.core.io import save_atomically
 
-__all__ = ["extract_lovt_image_encoder", "export_image_encoder", "ImageEncoderExport"]
+__all__ = ["extract_lovt_image_encoder", "export_image_encoder", "image_encoder_weights", "ImageEncoderExport"]
 
 _PREFIXES = ("image_encoder.backbone.", "backbone.", "encoder.", "")
 
@@ -46,6 +47,14 @@ def extract_lovt_image_encoder(src: str | Mapping[str, Any]) -> dict[str, torch.
             return {k[len(prefix) :]: state[k] for k in keys}
     name = src if isinstance(src, str) else "the given state dict"
     raise KeyError(f"{name}: no ResNet50 image encoder found (looked for 'layer4.2.bn3.weight' under {_PREFIXES}).")
+
+
+def image_encoder_weights(src: str | Mapping[str, Any] | None) -> dict[str, torch.Tensor] | None:
+    """``extract_lovt_image_encoder(src)``, or ``None`` (random initialisation) when ``src`` is ``None``.
+
+    Configs pass this to ``LoVTSegNet(encoder_weights=...)``, so the network itself never reads files.
+    """
+    return None if src is None else extract_lovt_image_encoder(src)
 
 
 def export_image_encoder(src: str | Mapping[str, Any], dst: str) -> str:

@@ -14,9 +14,9 @@ from contextlib import nullcontext
 
 import torch
 
-from common.data.demo_lvit import make_lvit_demo
 from common.data.lvit_templates import QATA_WORDS
 from common.data.qata import lvit_datalist
+from common.demo.lvit import make_lvit_demo
 from common.losses.lvit import LViTDiceBCE
 from common.networks.lvit import LViT
 from common.text.lvit_embed import LViTTextEmbedder, random_bert_word_embedder

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from common.engines.checkpoint import save_atomically
+from common.core.io import save_atomically
 from common.networks.universal import UniversalModel
 from common.weights.universal import official_state_dict
 
