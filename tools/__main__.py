@@ -1,4 +1,4 @@
-"""``python -m tools verify|package|fetch|demo|convert|benchmark``: the collection's command-line interface."""
+"""``python -m tools verify|package|fetch|demo|convert|prepare|benchmark``: the collection's command-line interface."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _plugin(package: str, name: str, attr: str):
 
 
 class Tools:
-    """Verify, package, fetch, demo, convert and benchmark the bundles under ``bundles/``."""
+    """Verify, package, fetch, demo, convert, prepare and benchmark the bundles under ``bundles/``."""
 
     def verify(self, bundle: str, schema: str | None = None, device: str = "cpu", skip_export: bool = False) -> None:
         """Offline model-zoo checks for one bundle (files, metadata schema, net in/out, TorchScript, ONNX)."""
@@ -54,6 +54,10 @@ class Tools:
     def convert(self, name: str, src: str, dst: str, **kwargs: Any) -> None:
         """Map an official checkpoint layout onto ours (``tools/converters/<name>.py``)."""
         _plugin("converters", name, "convert")(src, dst, **kwargs)
+
+    def prepare(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """Turn an official raw download into the layout a bundle reads (``tools/preparers/<name>.py``)."""
+        _plugin("preparers", name, "main")(*args, **kwargs)
 
     def benchmark(self, name: str, **kwargs: Any) -> None:
         """Print train-step and inference figures for one model (``tools/benchmarks/<name>.py``)."""

@@ -1,0 +1,1 @@
+"""``python -m tools prepare <name> ...``: one module per official raw-data layout, each with ``main(...)``."""
