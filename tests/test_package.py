@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import zipfile
 
 import pytest
@@ -37,15 +38,41 @@ print(json.dumps(failures))
 """
 
 
+# Project-MONAI/model-zoo's code-format settings (setup.cfg, pyproject.toml at dfae206) and its runtests.sh
+# --codeformat commands, run from the zoo root over ``models/<bundle>``
+ZOO_SETUP_CFG = """
+[flake8]
+select = B,C,E,F,N,P,T4,W,B9
+max_line_length = 120
+ignore = E203,E501,E741,W503,W504,C408,N812,B023,B905,B028,B907,C419
+per_file_ignores = __init__.py: F401, __main__.py: F401
+
+[isort]
+known_first_party = models
+profile = black
+line_length = 120
+"""
+ZOO_PYPROJECT = """
+[tool.black]
+line-length = 120
+target-version = ['py37', 'py38', 'py39']
+"""
+ZOO_CHECKS = {
+    "isort": ["-m", "isort", "--check"],
+    "black": ["-m", "black", "--skip-magic-trailing-comma", "--check"],
+    "flake8": ["-m", "flake8", "--count", "--statistics"],
+}
+
+
 @pytest.fixture(scope="module")
 def unzipped(tmp_path_factory) -> dict[str, str]:
-    """Every bundle's release zip unpacked, by bundle name."""
-    out = tmp_path_factory.mktemp("releases")
+    """Every bundle's release zip unpacked into a model-zoo-like ``models/`` folder, by bundle name."""
+    zoo = tmp_path_factory.mktemp("zoo")
     roots = {}
     for bundle in BUNDLES:
-        with zipfile.ZipFile(package_bundle(bundle, out_dir=str(out / "dist"))) as zf:
-            zf.extractall(out / "unzipped")
-        roots[os.path.basename(bundle)] = str(out / "unzipped" / os.path.basename(bundle))
+        with zipfile.ZipFile(package_bundle(bundle, out_dir=str(zoo.parent / f"{zoo.name}_dist"))) as zf:
+            zf.extractall(zoo / "models")
+        roots[os.path.basename(bundle)] = str(zoo / "models" / os.path.basename(bundle))
     return roots
 
 
@@ -78,3 +105,29 @@ def test_every_release_zip_resolves_its_configs_from_the_unzipped_folder_alone(u
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def _covering_zips(unzipped: dict[str, str]) -> list[str]:
+    """Unzipped bundles (``models/<name>``) that together hold every distinct vendored file: same checks, less time."""
+    held = {
+        root: {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs if f.endswith(".py")}
+        for root in unzipped.values()
+    }
+    chosen, seen = [], set()
+    for root in sorted(held, key=lambda r: len(held[r]), reverse=True):
+        if held[root] - seen:
+            chosen.append(os.path.join("models", os.path.basename(root)))
+            seen |= held[root]
+    return chosen
+
+
+@pytest.mark.parametrize("check", sorted(ZOO_CHECKS))
+def test_release_zip_python_passes_the_model_zoo_format_checks(unzipped, check):
+    zoo = os.path.dirname(os.path.dirname(next(iter(unzipped.values()))))
+    with open(os.path.join(zoo, "setup.cfg"), "w") as f:
+        f.write(textwrap.dedent(ZOO_SETUP_CFG))
+    with open(os.path.join(zoo, "pyproject.toml"), "w") as f:
+        f.write(textwrap.dedent(ZOO_PYPROJECT))
+    command = [sys.executable, *ZOO_CHECKS[check], *_covering_zips(unzipped)]
+    result = subprocess.run(command, cwd=zoo, capture_output=True, text=True)
+    assert result.returncode == 0, f"{check} on {sorted(unzipped)}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"

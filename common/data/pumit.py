@@ -34,7 +34,7 @@ from monai.transforms import MapTransform, Randomizable
 from PIL import Image
 from torch.utils.data import Sampler
 
-from common.core.spacing import ANISO_D_2D, aniso_d_from_spacing
+from ..core.spacing import ANISO_D_2D, aniso_d_from_spacing
 
 __all__ = [
     "DABucketBatchSampler",
@@ -298,13 +298,9 @@ class PUMITPrepareBatch(PrepareBatch):
         if not bool((da == da[0]).all()):
             raise ValueError(f"a PUMIT batch must share one aniso_d, got {da.tolist()}; use DABucketBatchSampler.")
         image = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking)
-        target = (
-            None
-            if self.target_key is None
-            else image
-            if self.target_key == self.image_key
-            else torch.as_tensor(batchdata[self.target_key]).to(device=device, non_blocking=non_blocking)
-        )
+        target = None if self.target_key is None else image
+        if self.target_key not in (None, self.image_key):
+            target = torch.as_tensor(batchdata[self.target_key]).to(device=device, non_blocking=non_blocking)
         return image, target, (), {"aniso_d": int(da[0])}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ignite.engine import Engine, Events
 from monai.handlers import ValidationHandler as _MonaiValidationHandler
 
-from common.engines.checkpoint import BestMetricSaver, LastCheckpointSaver, ResumeCheckpointLoader
+from .checkpoint import BestMetricSaver, LastCheckpointSaver, ResumeCheckpointLoader
 
 __all__ = ["BestMetricSaver", "LastCheckpointSaver", "ResumeCheckpointLoader", "ValidationHandler"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from common.core.distributed import is_main_process, unwrap_module
+from ..core.distributed import is_main_process, unwrap_module
 
 __all__ = ["lovt_inputs", "LoVTTrainStep", "LoVTEvalStep", "EncoderWarmup", "EmbeddingWriter"]
 

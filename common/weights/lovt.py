@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from common.core.distributed import is_main_process, unwrap_module
-from common.core.io import save_atomically
+from ..core.distributed import is_main_process, unwrap_module
+from ..core.io import save_atomically
 
 __all__ = ["extract_lovt_image_encoder", "export_image_encoder", "image_encoder_weights", "ImageEncoderExport"]
 
