@@ -65,12 +65,15 @@ class Tools:
 
 
 def main() -> None:
+    from common.weights.io import CheckpointError
     from tools.verify import VerificationError
 
     try:
         fire.Fire(Tools, name="tools")
     except VerificationError as e:
         raise SystemExit(f"verification failed: {e}") from None
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
