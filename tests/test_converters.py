@@ -117,3 +117,93 @@ def test_read_checkpoint_one_line_errors(tmp_path, content):
     message = str(info.value)
     assert message.startswith(str(path)) and "\n" not in message
     assert ("truncated" in message) if content == "truncated" else ("empty" in message or "not a PyTorch" in message)
+
+
+class _OfficialSequenceMLP(nn.Module):
+    """LoVT ``SequenceMLP``: 1x1 ``Conv1d`` -> BatchNorm1d -> ReLU -> 1x1 ``Conv1d`` on (B, N, d)."""
+
+    def __init__(self, d_in: int, d_out: int, d_hidden: int) -> None:
+        super().__init__()
+        self.projection_before = nn.Conv1d(d_in, d_hidden, kernel_size=1)
+        self.projection_after = nn.Conv1d(d_hidden, d_out, kernel_size=1)
+        self.norm = nn.BatchNorm1d(d_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.projection_before(x.transpose(-1, -2))))
+        return self.projection_after(h).transpose(-1, -2)
+
+
+class _OfficialMLP(nn.Module):
+    """LoVT ``MLP``: Linear -> BatchNorm1d -> ReLU -> Linear on (B, d)."""
+
+    def __init__(self, d_in: int, d_out: int, d_hidden: int) -> None:
+        super().__init__()
+        self.projection_before = nn.Linear(d_in, d_hidden)
+        self.projection_after = nn.Linear(d_hidden, d_out)
+        self.norm = nn.BatchNorm1d(d_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_after(torch.relu(self.norm(self.projection_before(x))))
+
+
+class _OfficialScanModality(nn.Module):
+    """LoVT ``ModalityModel(ScanEncoderModel)``: ``encoder.feature_extractor.backbone_layers`` (the torchvision
+    ResNet50 children without avgpool/fc), ``encoder.global_aggregator.attention``, two projections."""
+
+    def __init__(self, d_z: int, d_hidden: int) -> None:
+        from monai.networks.nets import ResNetFeatures
+
+        super().__init__()
+        resnet = ResNetFeatures("resnet50", pretrained=False, spatial_dims=2, in_channels=3)
+        self.encoder = nn.Module()
+        self.encoder.feature_extractor = nn.Module()
+        self.encoder.feature_extractor.backbone_layers = nn.ModuleDict(list(resnet.named_children())[:-1])
+        self.encoder.global_aggregator = nn.Module()
+        self.encoder.global_aggregator.attention = nn.MultiheadAttention(2048, 8, batch_first=True)
+        self.project_local = _OfficialSequenceMLP(2048, d_z, d_hidden)
+        self.project_global = _OfficialMLP(2048, d_z, d_hidden)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        for layer in self.encoder.feature_extractor.backbone_layers.values():
+            x = layer(x)
+        regions = x.flatten(2).transpose(1, 2)
+        query = regions.mean(dim=1, keepdim=True)
+        pooled = self.encoder.global_aggregator.attention(query, regions, regions)[0].squeeze(1)
+        return {"z_local": self.project_local(regions), "z_global": self.project_global(pooled), "global": pooled}
+
+
+def test_lovt_official_layout_to_image_encoder_and_backbone(tmp_path):
+    from common.networks.lovt import LoVTImageEncoder
+    from common.weights.lovt import extract_lovt_image_encoder
+    from tools.converters.lovt import convert
+
+    torch.manual_seed(0)
+    official = nn.Module()
+    official.model_a = _OfficialScanModality(d_z=16, d_hidden=32)
+    for bn in [m for m in official.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+        bn.running_mean.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    official.eval()
+    sd = official.state_dict()
+    assert sd["model_a.encoder.feature_extractor.backbone_layers.layer4.2.bn3.running_var"].shape == (2048,)
+    assert sd["model_a.project_local.projection_before.weight"].shape == (32, 2048, 1)  # Conv1d, kernel 1
+    assert sd["model_a.project_global.projection_before.weight"].shape == (32, 2048)
+    assert "model_a.encoder.global_aggregator.attention.in_proj_weight" in sd
+    sd["model_b.encoder.transformer.embeddings.word_embeddings.weight"] = torch.zeros(4, 4)  # report side: dropped
+    src = tmp_path / "lovt.ckpt"
+    torch.save({"state_dict": sd, "epoch": 1, "hyper_parameters": {"dataset": tmp_path}}, src)
+
+    dst = tmp_path / "image_encoder.pt"
+    convert(str(src), str(dst), d_z=16, hidden_dim=32)
+    ours = LoVTImageEncoder(d_z=16, hidden_dim=32).eval()
+    ours.load_state_dict(torch.load(dst, weights_only=True), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = official.model_a(x), ours(x)
+    for key in ("global", "z_local", "z_global"):
+        torch.testing.assert_close(got[key], expected[key])
+
+    backbone = extract_lovt_image_encoder(str(src))
+    assert set(backbone) == set(ours.backbone.state_dict())
+    with pytest.raises(FileExistsError):
+        convert(str(src), str(dst))
