@@ -207,3 +207,20 @@ def test_lovt_official_layout_to_image_encoder_and_backbone(tmp_path):
     assert set(backbone) == set(ours.backbone.state_dict())
     with pytest.raises(FileExistsError):
         convert(str(src), str(dst))
+
+
+@pytest.mark.parametrize("name", ["lovt", "lvit", "pumit", "unetr", "universal"])
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+def test_every_converter_reports_bad_files_in_one_line(tmp_path, name, damage):
+    from tools.__main__ import Tools
+
+    src, dst = tmp_path / "official.ckpt", tmp_path / "model.pt"
+    if damage == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(64)}}, src)
+        src.write_bytes(src.read_bytes()[:200])
+    else:
+        src.write_text("<html>404 Not Found</html>")
+    with pytest.raises(CheckpointError) as info:
+        Tools().convert(name, str(src), str(dst))
+    assert str(info.value).startswith(str(src)) and "\n" not in str(info.value)
+    assert not dst.exists()
