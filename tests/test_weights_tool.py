@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import json
 import io
+import json
 import threading
 
 import pytest
