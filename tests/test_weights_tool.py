@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import threading
 
 import pytest
@@ -14,7 +15,8 @@ import yaml
 from monai.bundle import download_large_files
 from monai.networks.nets import UNETR
 
-from tools.weights import WeightsError, download, fetch_weights
+from tools.bundle_io import REPO_ROOT, discover_bundles
+from tools.weights import WeightsError, download, fetch_weights, read_large_files
 
 NET = {
     "_target_": "monai.networks.nets.UNETR",
@@ -187,3 +189,25 @@ def test_unreachable_url_and_wrong_layout(tmp_path, server, artefacts):
         fetch_weights(bundle, source=str(other), progress=False)
     assert not (tmp_path / "bundle" / "models" / "model.pt").exists()
     assert [p.name for p in (tmp_path / "bundle" / "models").iterdir() if p.name.startswith(".tmp_")] == []
+
+
+@pytest.mark.parametrize("bundle", discover_bundles(), ids=os.path.basename)
+def test_bundle_large_files_are_readable_by_both_tools(bundle):
+    from monai.bundle import ConfigParser
+
+    from tools.verify import check_large_files
+
+    spec = read_large_files(bundle)
+    check_large_files(bundle)  # every MONAI entry has a sha256
+    parser = ConfigParser()
+    parser.read_config(os.path.join(bundle, "large_files.yml"))
+    for entry in parser.get()["large_files"]:  # what download_large_files passes to download_url
+        assert set(entry) == {"path", "url", "hash_val", "hash_type"} and len(entry["hash_val"]) == 64
+    for entry in spec["files"]:
+        assert entry["url"].startswith("https://") and entry["path"].startswith("models/")
+    recipe = spec["convert"]
+    if recipe is not None:
+        assert os.path.isfile(os.path.join(REPO_ROOT, "tools", "converters", recipe["converter"] + ".py"))
+        assert recipe["src"] in {e["path"] for e in spec["files"]}
+        with open(os.path.join(bundle, "configs", "inference.json")) as f:
+            assert recipe["dst"].removeprefix("models/") in f.read()  # the file inference loads

@@ -183,6 +183,7 @@ def fetch_weights(bundle: str, source: str = "official", progress: bool = True) 
         if src_override is None or entry["path"] != recipe["src"]:
             _fetch_file(bundle, entry, progress)
     if recipe is None:
+        print(f"{bundle}: no conversion listed; models/model.pt comes from training (see large_files.yml)")
         return None
     from tools.__main__ import _plugin  # the converter registry of `tools convert`
 
