@@ -37,11 +37,18 @@ from torch.utils.data import Sampler
 from common.core.spacing import ANISO_D_2D, aniso_d_from_spacing
 
 __all__ = [
+    "CHAOSSubmissionWriterd",
+    "CHAOS_LABEL_VALUES",
     "DABucketBatchSampler",
+    "ForegroundStatsd",
     "LoadPUMITImaged",
     "PUMITCropd",
     "PUMITPrepareBatch",
+    "NormalizeWithStatsd",
     "PadToTokenGridd",
+    "chaos_datalist",
+    "chaos_label_from_png",
+    "chaos_submission_template",
     "load_medmnist_npz",
     "load_pumit_datalist",
     "read_image",
@@ -331,3 +338,159 @@ def load_medmnist_npz(path: str, split: str = "train") -> list[dict]:
         }
         for index, (img, lab) in enumerate(zip(images, labels))
     ]
+
+
+# ---- CHAOS (MR) downstream: official layout ``<root>/{Train,Test}/<case>/{T1DUAL,T2SPIR}/{image,label}.nii.gz``
+
+CHAOS_LABEL_VALUES = (0, 63, 126, 189, 252)
+"""Grey values of the CHAOS MR ground-truth PNGs for background, liver, right kidney, left kidney, spleen."""
+CHAOS_CASES = tuple(range(1, 41))
+CHAOS_SEQUENCES = ("T1DUAL", "T2SPIR")
+
+
+def chaos_datalist(
+    dataset_dir: str,
+    split: str = "Train",
+    sequences: Sequence[str] = CHAOS_SEQUENCES,
+    cases: Sequence[str] | None = None,
+    exclude_cases: Sequence[str] = (),
+) -> list[dict]:
+    """``{"image", ["label"]}`` items of one split (``Train`` carries labels); T1DUAL images hold in/out phase.
+
+    ``cases`` keeps only those case folders, ``exclude_cases`` drops some (e.g. a validation hold-out).
+    """
+    root = os.path.join(dataset_dir, split)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: CHAOS split folder not found (expected <dataset_dir>/{split}/<case>/<seq>).")
+    items = []
+    found = sorted(os.listdir(root), key=lambda c: (len(c), c))
+    missing = sorted(set(cases or ()) - set(found))
+    if missing:
+        raise ValueError(f"{root}: requested CHAOS cases {missing} not found.")
+    for case in found:
+        if (cases is not None and case not in cases) or case in exclude_cases:
+            continue
+        for seq in sequences:
+            folder = os.path.join(root, case, seq)
+            if not os.path.isdir(folder):
+                continue
+            item = {"image": os.path.join(folder, "image.nii.gz")}
+            if split == "Train":
+                item["label"] = os.path.join(folder, "label.nii.gz")
+            for key, path in item.items():
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"{path}: CHAOS {key} missing.")
+            items.append(item)
+    if not items:
+        raise ValueError(f"{root}: no CHAOS cases with sequences {list(sequences)}.")
+    return items
+
+
+def chaos_label_from_png(slices: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack CHAOS ground-truth PNG slices (grey values 0/63/126/189/252) into the image's voxel order, 0..4."""
+    stack = np.stack(slices, axis=-1)
+    unknown = np.setdiff1d(np.unique(stack), CHAOS_LABEL_VALUES)
+    if unknown.size:
+        raise ValueError(f"CHAOS ground truth has grey values {unknown.tolist()} outside {CHAOS_LABEL_VALUES}.")
+    label = np.searchsorted(CHAOS_LABEL_VALUES, stack).astype(np.uint8)
+    return np.ascontiguousarray(np.flip(np.rot90(label), 0))
+
+
+def chaos_submission_template(out_dir: str) -> str:
+    """Create the CHAOS challenge's empty submission tree (Task1-5, CT / MR cases 1-40, ``Results`` folders)."""
+    tasks = {1: ("CT", "MR"), 2: ("CT",), 3: ("MR",), 4: ("CT", "MR"), 5: ("MR",)}
+    for task, modalities in tasks.items():
+        for modality in modalities:
+            for case in CHAOS_CASES:
+                subs = [""] if modality == "CT" else list(CHAOS_SEQUENCES)
+                for sub in subs:
+                    folder = os.path.join(out_dir, f"Task{task}", modality, str(case), sub, "Results")
+                    os.makedirs(folder, exist_ok=True)
+    return out_dir
+
+
+class ForegroundStatsd(MapTransform):
+    """Store each channel's mean and (unbiased) std over its positive voxels in ``d[f"stats_{key}"]`` (2, C).
+
+    (The key must not start with ``image_``: MONAI's spatial transforms treat such keys as meta dicts.)
+
+    The official CHAOS pipeline takes these statistics right after percentile scaling and normalises with
+    them after augmentation (``NormalizeWithStatsd``).
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            img = img.float()
+            stats = []
+            for channel in img:
+                fg = channel[channel > 0]
+                if fg.numel() < 2:
+                    name = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                    raise ValueError(f"{name}: channel has fewer than 2 positive voxels; cannot normalise it.")
+                stats.append(torch.stack([fg.mean(), fg.std()]))
+            d[f"stats_{key}"] = torch.stack(stats, dim=1)
+        return d
+
+
+class NormalizeWithStatsd(MapTransform):
+    """``(x - mean) / std`` with the statistics of ``ForegroundStatsd``; single-channel images (T2SPIR) are
+    repeated to ``channels`` first, as the official ``InputTransformD`` does."""
+
+    def __init__(self, keys: KeysCollection = "image", channels: int = 2, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.channels = channels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img, stats = d[key], torch.as_tensor(d.pop(f"stats_{key}"))
+            if img.shape[0] == 1 and self.channels > 1:
+                img, stats = img.repeat(self.channels, *[1] * (img.ndim - 1)), stats.repeat(1, self.channels)
+            shape = (-1,) + (1,) * (img.ndim - 1)
+            d[key] = (img - stats[0].reshape(shape).to(img)) / stats[1].reshape(shape).to(img)
+        return d
+
+
+class CHAOSSubmissionWriterd(MapTransform):
+    """Write an argmax prediction ``(1, X, Y, Z)`` (image.nii.gz's voxel grid) as CHAOS submission PNGs.
+
+    The case and sequence come from the image path ``.../<split>/<case>/<seq>/image.nii.gz``. Task 5 gets all
+    organs (grey values ``CHAOS_LABEL_VALUES``), Task 3 the liver only. Slices are named after the DICOM
+    files of ``<dicom_root>/<split>_Sets/MR/<case>/<seq>/DICOM_anon[/InPhase]`` when given, else
+    ``result000.png`` ...
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", output_dir: str = "./submit", dicom_root: str | None = None):
+        super().__init__(keys)
+        self.output_dir = output_dir
+        self.dicom_root = dicom_root
+
+    def _stems(self, split: str, case: str, seq: str, n: int) -> list[str]:
+        if self.dicom_root is None:
+            return [f"result{i:03d}" for i in range(n)]
+        folder = os.path.join(self.dicom_root, f"{split}_Sets", "MR", case, seq, "DICOM_anon")
+        folder = os.path.join(folder, "InPhase") if seq == "T1DUAL" else folder
+        stems = sorted(f[: -len(".dcm")] for f in os.listdir(folder) if f.endswith(".dcm"))
+        if len(stems) != n:
+            raise ValueError(f"{folder}: {len(stems)} DICOM slices but the prediction has {n}.")
+        return stems
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            path = str(pred.meta["filename_or_obj"])
+            split, case, seq = os.path.normpath(path).split(os.sep)[-4:-1]
+            arr = np.asarray(torch.as_tensor(pred).detach().cpu())[0].astype(np.int64)
+            arr = np.rot90(np.flip(np.asarray(CHAOS_LABEL_VALUES, dtype=np.uint8)[arr], 0), 3)
+            stems = self._stems(split, case, seq, arr.shape[2])
+            for task, volume in (("Task5", arr), ("Task3", np.where(arr == CHAOS_LABEL_VALUES[1], arr, 0))):
+                folder = os.path.join(self.output_dir, task, "MR", case, seq, "Results")
+                os.makedirs(folder, exist_ok=True)
+                for i, stem in enumerate(stems):
+                    Image.fromarray(np.ascontiguousarray(volume[..., i]).astype(np.uint8)).save(
+                        os.path.join(folder, f"{stem}.png")
+                    )
+        return d
