@@ -214,3 +214,105 @@ def test_chaos_inference_overlay_parses(tmp_path):
     assert names == ["Invertd", "AsDiscreted", "CHAOSSubmissionWriterd"]
     parser.get_parsed_content("submission_template")
     assert os.path.isdir(tmp_path / "submit" / "Task5" / "MR" / "1" / "T2SPIR" / "Results")
+
+
+def _da_formula(spacing, scale) -> int:
+    r = min(max(spacing[0] * scale[0] / (min(spacing[1:]) * scale[1]), 1.0), 32.0)
+    return int(math.floor(math.log2(r) + 1e-9))
+
+
+def test_scale_augmentation_changes_da_as_the_formula_says():
+    from common.data.pumit import RandScaleDABatchSampler
+
+    data = [
+        {"spacing": [3.0, 0.75, 0.75], "weight": 1.0},  # DA 2 unscaled
+        {"spacing": [1.0, 1.0, 1.0], "weight": 1.0},  # isotropic: depth scale allowed
+        {"spacing": [1e8, 0.2, 0.2], "weight": 1.0},  # 2D: DA 5 whatever the scale
+    ]
+    fixed = RandScaleDABatchSampler(data, 2, 1, scale_x=(2.0, 2.0), scale_x_p=1.0, scale_z_p=0.0)
+    assert fixed.draw(0) == {"aniso_d": 1, "scale": (1.0, 2.0, 2.0)}  # r = 3 / 1.5 = 2
+    assert fixed.draw(2)["aniso_d"] == 5
+    sampler = RandScaleDABatchSampler(data, batch_size=4, num_batches=50, seed=1, buffer_size=64)
+    seen_da, seen_z = set(), set()
+    for batch in sampler:
+        assert len(batch) == 4 and len({t["aniso_d"] for _, t in batch}) == 1  # one DA per batch
+        for index, trans in batch:
+            spacing, scale = data[index]["spacing"], trans["scale"]
+            assert trans["aniso_d"] == _da_formula(spacing, scale)
+            assert 0.75 <= scale[1] <= 2.0 and scale[1] == scale[2] and 0.8 <= scale[0] <= 1.25
+            if spacing[0] > 1.5 * min(spacing[1:]):
+                assert scale[0] == 1.0  # depth scale only for near-isotropic images
+            if index == 0:
+                seen_da.add(trans["aniso_d"])
+            if index == 1:
+                seen_z.add(scale[0] != 1.0)
+    assert seen_da == {1, 2} and seen_z == {True, False}  # the 3 mm CT lands in two DA buckets
+    # in-plane scale capped by the image size: 100 px wide, crop 16 * 10 px -> scale_x <= 100 / 160 -> 0.75
+    capped = RandScaleDABatchSampler([{"spacing": [1, 1, 1], "shape": [1, 50, 100, 100]}], 1, 1, scale_x_p=1.0)
+    assert capped.draw(0)["scale"][1] == 0.75
+    # batches are dealt round-robin to ranks
+    ranks = [list(RandScaleDABatchSampler(data, 2, 6, seed=3, rank=r, num_replicas=2)) for r in (0, 1)]
+    single = list(RandScaleDABatchSampler(data, 2, 12, seed=3))
+    assert ranks[0] == single[0::2] and ranks[1] == single[1::2]
+
+
+def test_scaled_crop_and_loader_agree_with_the_sampler(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from monai.transforms import Compose
+
+    from common.data.pumit import LoadPUMITImaged, PUMITCropd, PUMITSampledDataset
+
+    path = str(tmp_path / "ct.nii.gz")
+    vol = np.random.default_rng(0).uniform(0, 100, (64, 64, 24)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.diag([0.75, 0.75, 3.0, 1.0])), path)
+    crop = PUMITCropd("image", tz=2, tx=2)
+    dataset = PUMITSampledDataset([{"image": path}], Compose([LoadPUMITImaged("image"), crop]))
+    plain = dataset[0]
+    assert plain["aniso_d"] == 2 and tuple(plain["image"].shape) == (1, 8, 32, 32)
+    scaled = dataset[(0, {"aniso_d": 1, "scale": (1.0, 2.0, 2.0)})]
+    assert scaled["aniso_d"] == 1  # the loader recomputes DA from spacing * scale: same as the sampler
+    assert tuple(scaled["image"].shape) == (1, 16, 32, 32)  # (tz * 16 >> 1, 16 tx, 16 tx)
+    assert scaled["spacing"].tolist() == pytest.approx([3.0, 1.5, 1.5])
+
+
+def test_prepare_writes_arrays_and_manifest(tmp_path):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    from common.data.pumit import LoadPUMITImaged, load_pumit_datalist, read_image
+    from tools.preparers.pumit import main as prepare
+
+    src = tmp_path / "raw"
+    src.mkdir()
+    vol = np.zeros((40, 36, 10), np.float32)
+    vol[4:30, 6:34, 2:9] = np.random.default_rng(0).uniform(10, 100, (26, 28, 7))  # foreground box
+    nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.8, 4.0, 1.0])), str(src / "ct.nii.gz"))
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 20), dtype=np.uint8)).save(src / "x.png")
+    listing = {
+        "datasets": {"ct": {"weight": 2.0}},
+        "training": [{"image": "ct.nii.gz", "dataset": "ct"}, {"image": "x.png", "spacing": [0.2, 0.2]}],
+        "validation": [{"image": "ct.nii.gz", "dataset": "ct"}],
+    }
+    (src / "datalist.json").write_text(json.dumps(listing))
+    out = tmp_path / "prepared"
+    target = prepare(str(src), str(out), max_in_plane=14)
+    items = load_pumit_datalist(target)
+    assert [i["weight"] for i in items] == [2.0, 1.0]
+    assert [i["aniso_d"] for i in items] == [1, 5]  # resizing makes r = 4 / (0.8 * 26 / 14) = 2.7
+    ct, xray = items
+    arr = np.load(ct["image"])
+    assert arr.dtype == np.float16 and arr.shape == (7, 14, 15)  # foreground crop 7 x 26 x 28, short side -> 14
+    assert ct["spacing"] == pytest.approx([4.0, 0.8 * 26 / 14, 0.8 * 28 / 15])
+    original, _ = read_image(str(src / "x.png"))
+    _, _, h, w = original.shape
+    assert ct["shape"] == [7, 14, 15] and xray["shape"] == [1, round(h * 14 / w), 14]
+    assert xray["spacing"] == pytest.approx([1e8, 0.2 * h / xray["shape"][1], 0.2 * w / 14])
+    loaded = LoadPUMITImaged("image")(dict(xray))  # training reads the array, spacing from the manifest
+    assert tuple(loaded["image"].shape) == (1, *xray["shape"]) and loaded["aniso_d"] == 5
+    assert loaded["spacing"].tolist() == pytest.approx(xray["spacing"])
+    with pytest.raises(FileExistsError, match="overwritten"):
+        prepare(str(src), str(out))

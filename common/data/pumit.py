@@ -28,9 +28,9 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import Dataset, MetaTensor
 from monai.engines.utils import PrepareBatch
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import MapTransform, Randomizable, apply_transform
 from PIL import Image
 from torch.utils.data import Sampler
 
@@ -44,8 +44,10 @@ __all__ = [
     "LoadPUMITImaged",
     "PUMITCropd",
     "PUMITPrepareBatch",
+    "PUMITSampledDataset",
     "NormalizeWithStatsd",
     "PadToTokenGridd",
+    "RandScaleDABatchSampler",
     "chaos_datalist",
     "chaos_label_from_png",
     "chaos_submission_template",
@@ -58,6 +60,8 @@ __all__ = [
 SPACING_2D = 1e8
 PNG_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NPY_SUFFIX = ".npy"
+"""Arrays written by ``python -m tools prepare pumit``: (D, H, W) float16 in [0, 1]; spacing from the data list."""
 
 
 def _check_spacing(spacing: Sequence[float], path: str) -> tuple[float, float, float]:
@@ -128,6 +132,8 @@ def read_spacing(path: str, spacing: Sequence[float] | None = None) -> tuple[flo
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: image listed in the data list does not exist.")
     lower = path.lower()
+    if lower.endswith(NPY_SUFFIX):
+        return _check_spacing(spacing, path)
     if lower.endswith(PNG_SUFFIXES):
         sy, sx = (1.0, 1.0) if spacing is None else tuple(spacing)[-2:]
         return _check_spacing((SPACING_2D, sy, sx), path)
@@ -159,6 +165,11 @@ def read_image(path: str, spacing: Sequence[float] | None = None) -> tuple[np.nd
         )
         return _normalise(vol)[None], _dicom_spacing(series, path)
     sp = read_spacing(path, spacing)
+    if lower.endswith(NPY_SUFFIX):
+        arr = np.load(path, mmap_mode="r")
+        if arr.ndim != 3:
+            raise ValueError(f"{path}: prepared PUMIT arrays are (D, H, W), got shape {arr.shape}.")
+        return np.asarray(arr, dtype=np.float32)[None], sp
     if lower.endswith(PNG_SUFFIXES):
         img = np.asarray(Image.open(path).convert("L"))
         arr = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else _normalise(img)
@@ -192,6 +203,7 @@ def load_pumit_datalist(path: str, split: str = "training", scale: Sequence[floa
                 "weight": float(datasets.get(name, {}).get("weight", 1.0)),
                 "spacing": list(spacing),
                 "aniso_d": aniso_d_from_spacing(spacing, scale),
+                **({"shape": list(entry["shape"])} if "shape" in entry else {}),
             }
         )
     return items
@@ -200,7 +212,8 @@ def load_pumit_datalist(path: str, split: str = "training", scale: Sequence[floa
 class LoadPUMITImaged(MapTransform):
     """Read ``d[key]`` (NIfTI / PNG / DICOM folder) to a ``(1, D, H, W)`` MetaTensor in [0, 1].
 
-    Also sets ``spacing`` (depth-first) and ``aniso_d``.
+    Also sets ``spacing`` (depth-first) and ``aniso_d`` (of the spacing times ``d["scale"]`` when a
+    ``RandScaleDABatchSampler`` drew one).
     """
 
     def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False):
@@ -210,7 +223,8 @@ class LoadPUMITImaged(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             path = str(d[key])
-            arr, spacing = read_image(path, d.get("spacing") if path.lower().endswith(PNG_SUFFIXES) else None)
+            listed = path.lower().endswith((*PNG_SUFFIXES, NPY_SUFFIX))  # spacing comes from the data list
+            arr, spacing = read_image(path, d.get("spacing") if listed else None)
             affine = torch.diag(
                 torch.tensor([*(1.0 if s >= SPACING_2D else s for s in spacing), 1.0], dtype=torch.float64)
             )
@@ -218,12 +232,17 @@ class LoadPUMITImaged(MapTransform):
                 torch.from_numpy(np.ascontiguousarray(arr)), affine=affine, meta={"filename_or_obj": path}
             )
             d["spacing"] = torch.tensor(spacing)
-            d["aniso_d"] = aniso_d_from_spacing(spacing)
+            d["aniso_d"] = aniso_d_from_spacing(spacing, d.get("scale", (1.0, 1.0, 1.0)))
         return d
 
 
 class PUMITCropd(Randomizable, MapTransform):
-    """Random crop of ``(tz * (patch >> DA), patch * tx, patch * tx)`` voxels (``tz = 1`` in 2D), padded if small."""
+    """Random crop of ``(tz * (patch >> DA), patch * tx, patch * tx)`` voxels (``tz = 1`` in 2D), padded if small.
+
+    With ``d["scale"] = (scale_z, scale_x, scale_x)`` (drawn by ``RandScaleDABatchSampler``) a region of
+    ``roi * scale`` voxels is cropped and resized (trilinear) to the roi, i.e. the spacing becomes
+    ``spacing * scale``; ``d["spacing"]`` is updated accordingly.
+    """
 
     def __init__(self, keys: KeysCollection = "image", tz: int = 5, tx: int = 10, patch: int = 16):
         super().__init__(keys)
@@ -237,13 +256,22 @@ class PUMITCropd(Randomizable, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         roi = self.roi(int(d["aniso_d"]))
+        scale = [float(v) for v in d.get("scale", (1.0, 1.0, 1.0))]
+        size = [max(round(r * f), 1) for r, f in zip(roi, scale)]
         for key in self.key_iterator(d):
             img = d[key]
-            pad = [max(r - s, 0) for r, s in zip(roi, img.shape[1:])]
+            pad = [max(r - s, 0) for r, s in zip(size, img.shape[1:])]
             if any(pad):
                 img = torch.nn.functional.pad(img, [p for q in reversed(pad) for p in (q // 2, q - q // 2)])
-            start = [int(self.R.randint(0, s - r + 1)) for s, r in zip(img.shape[1:], roi)]
-            d[key] = img[:, start[0] : start[0] + roi[0], start[1] : start[1] + roi[1], start[2] : start[2] + roi[2]]
+            start = [int(self.R.randint(0, s - r + 1)) for s, r in zip(img.shape[1:], size)]
+            img = img[:, start[0] : start[0] + size[0], start[1] : start[1] + size[1], start[2] : start[2] + size[2]]
+            if tuple(size) != roi:
+                img = torch.nn.functional.interpolate(img[None], size=roi, mode="trilinear", align_corners=False)[0]
+            d[key] = img
+        if "spacing" in d and any(f != 1.0 for f in scale):
+            d["spacing"] = torch.as_tensor(d["spacing"]) * torch.tensor(
+                scale, dtype=torch.as_tensor(d["spacing"]).dtype
+            )
         return d
 
 
@@ -288,6 +316,100 @@ class DABucketBatchSampler(Sampler[list[int]]):
             same = np.flatnonzero(self.aniso_d == self.aniso_d[first])
             q = self.weights[same] / self.weights[same].sum()
             yield [first, *self.rng.choice(same, size=self.batch_size - 1, p=q).tolist()]
+
+
+class RandScaleDABatchSampler(Sampler[list[tuple[int, dict]]]):
+    """The official PUMIT batch sampler: per-sample scale augmentation that changes the degree of anisotropy.
+
+    Images are drawn with probability proportional to ``weight`` (a buffer of ``buffer_size`` draws at a
+    time). For each draw: in-plane scale ``U[scale_x[0], min(size_x / (patch * tx), scale_x[1])]`` with
+    probability ``scale_x_p`` (the cap needs ``shape`` in the item), depth scale ``U[scale_z]`` with
+    probability ``scale_z_p`` only when ``s_z <= isotropic_th * s_xy``; then
+    ``DA = floor(log2(clip(s_z * scale_z / (s_xy * scale_x), 1, 32)))``. Draws are bucketed by DA and every
+    full bucket is one batch of ``(index, {"aniso_d", "scale"})`` items (``PUMITSampledDataset`` reads them).
+    Batches are dealt round-robin to the ``num_replicas`` ranks, as the official sampler does.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Mapping],
+        batch_size: int,
+        num_batches: int,
+        tx: int = 10,
+        patch: int = 16,
+        scale_x: Sequence[float] = (0.75, 2.0),
+        scale_x_p: float = 0.5,
+        scale_z: Sequence[float] = (0.8, 1.25),
+        scale_z_p: float = 0.3,
+        isotropic_th: float = 1.5,
+        buffer_size: int = 16384,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.num_replicas = (
+            num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if distributed else 1)
+        )
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        self.data = data
+        self.batch_size, self.num_batches = batch_size, num_batches
+        self.size_x = patch * tx
+        self.scale_x, self.scale_x_p = tuple(scale_x), scale_x_p
+        self.scale_z, self.scale_z_p = tuple(scale_z), scale_z_p
+        self.isotropic_th = isotropic_th
+        self.buffer_size = buffer_size
+        self.weights = torch.tensor([float(d.get("weight", 1.0)) for d in data], dtype=torch.float64)
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def draw(self, index: int) -> dict:
+        """Random ``scale`` (depth, in-plane, in-plane) of one image and the resulting ``aniso_d``."""
+        item = self.data[index]
+        spacing = [float(v) for v in item["spacing"]]
+        s_xy = min(spacing[1:])
+        scale_x = 1.0
+        if self.rng.uniform() < self.scale_x_p:
+            high = self.scale_x[1]
+            if "shape" in item:
+                high = min(min(int(v) for v in item["shape"][-2:]) / self.size_x, high)
+            scale_x = float(self.rng.uniform(self.scale_x[0], max(high, self.scale_x[0])))
+        scale_z = 1.0
+        if spacing[0] <= self.isotropic_th * s_xy and self.rng.uniform() < self.scale_z_p:
+            scale_z = float(self.rng.uniform(*self.scale_z))
+        scale = (scale_z, scale_x, scale_x)
+        return {"aniso_d": aniso_d_from_spacing(spacing, scale), "scale": scale}
+
+    def __iter__(self) -> Iterator[list[tuple[int, dict]]]:
+        remaining, next_rank, buckets = self.num_batches, 0, {}
+        while remaining > 0:
+            for index in torch.multinomial(self.weights, self.buffer_size, True, generator=self.generator).tolist():
+                trans = self.draw(index)
+                bucket = buckets.setdefault(trans["aniso_d"], [])
+                bucket.append((index, trans))
+                if len(bucket) < self.batch_size:
+                    continue
+                if next_rank == self.rank:
+                    yield bucket
+                    remaining -= 1
+                    if remaining == 0:
+                        return
+                next_rank = (next_rank + 1) % self.num_replicas
+                buckets.pop(trans["aniso_d"])
+
+
+class PUMITSampledDataset(Dataset):
+    """MONAI ``Dataset`` that also accepts ``(index, extra)`` items: ``extra`` (e.g. ``aniso_d``, ``scale``) is
+    merged into the data dict before the transform runs."""
+
+    def __getitem__(self, index: Any):
+        if isinstance(index, tuple) and len(index) == 2 and isinstance(index[1], Mapping):
+            data = {**self.data[index[0]], **index[1]}
+            return apply_transform(self.transform, data) if self.transform is not None else data
+        return super().__getitem__(index)
 
 
 class PUMITPrepareBatch(PrepareBatch):
