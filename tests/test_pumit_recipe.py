@@ -316,3 +316,32 @@ def test_prepare_writes_arrays_and_manifest(tmp_path):
     assert loaded["spacing"].tolist() == pytest.approx(xray["spacing"])
     with pytest.raises(FileExistsError, match="overwritten"):
         prepare(str(src), str(out))
+
+
+def test_lpips_only_from_local_weights(tmp_path):
+    from common.losses.pumit import LPIPS, TokenizerLoss, _vgg16_features
+
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        LPIPS(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"))
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in _vgg16_features().state_dict().items()}, tmp_path / "vgg16.pth")
+    torch.save(
+        {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate([64, 128, 256, 512, 512])},
+        tmp_path / "vgg.pth",
+    )
+    parser = _parser(PRETRAIN, ["train.json"])
+    assert parser.get_parsed_content("perceptual") is None  # off unless weights are given
+    parser["lpips_vgg_weights"] = str(tmp_path / "vgg16.pth")
+    parser["lpips_lin_weights"] = str(tmp_path / "missing.pth")
+    with pytest.raises(Exception, match="lin_weights"):
+        parser.get_parsed_content("perceptual")
+    parser["lpips_lin_weights"] = str(tmp_path / "vgg.pth")
+    lpips = parser.get_parsed_content("perceptual")
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert float(lpips(x, x)) == pytest.approx(0.0, abs=1e-6) and float(lpips(x, y)) > 0
+    loss = TokenizerLoss(perceptual=lpips, max_perceptual_slices=2).train()
+    assert not lpips.training
+    logits = torch.randn(1, 2, 2, 2, 8)
+    out = {"pred": y[:1, :, None].expand(1, 3, 3, 32, 32), "logits": logits, "probs": logits.softmax(-1)}
+    with_lpips = loss(out, x[:1, :, None].expand(1, 3, 3, 32, 32))
+    assert float(with_lpips) > float(TokenizerLoss()(out, x[:1, :, None].expand(1, 3, 3, 32, 32)))
