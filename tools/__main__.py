@@ -68,7 +68,7 @@ def main() -> None:
     from tools.verify import VerificationError
 
     try:
-        fire.Fire(Tools, name="tools")
+        fire.Fire(Tools(), name="tools")  # an instance: --help then lists the commands
     except VerificationError as e:
         raise SystemExit(f"verification failed: {e}") from None
 
