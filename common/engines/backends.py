@@ -183,7 +183,8 @@ class CompiledNetwork:
         try:
             return self._compile(onnx_path)
         except Exception as e:
-            raise EngineError(f"{self.backend} could not compile {key['network']} ({onnx_path}): {e}") from e
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EngineError(f"{self.backend} could not compile {key['network']} ({onnx_path}): {reason}") from e
 
     def _compile(self, onnx_path: str):
         if self.backend == "onnxruntime":
@@ -258,7 +259,8 @@ def _export_onnx(network: torch.nn.Module, tensors: Sequence[torch.Tensor], path
             )
         os.replace(tmp, path)
     except Exception as e:
-        raise EngineError(f"ONNX export of {type(network).__qualname__} failed: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EngineError(f"ONNX export of {type(network).__qualname__} failed: {reason}") from e
     finally:
         network.train(was_training)
         if os.path.exists(tmp):
