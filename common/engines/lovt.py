@@ -17,7 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.nn.parallel import DistributedDataParallel
 
-from common.core.distributed import is_main_process, unwrap_module
+from ..core.distributed import is_main_process, unwrap_module
 
 __all__ = ["lovt_inputs", "LoVTTrainStep", "LoVTEvalStep", "EncoderWarmup", "EmbeddingWriter"]
 

@@ -21,8 +21,8 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from common.data.lvit_templates import DEFAULT_TEMPLATE_TEXTS, parse_zones, zone_mask
-from common.losses.lvit import LViTDiceBCE, lv_loss
+from ..data.lvit_templates import DEFAULT_TEMPLATE_TEXTS, parse_zones, zone_mask
+from ..losses.lvit import LViTDiceBCE, lv_loss
 
 __all__ = ["EPIBank", "LVTemplates", "LViTSemiIteration", "count_unlabelled", "labelled_subset", "semi_datalist"]
 
