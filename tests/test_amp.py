@@ -35,6 +35,23 @@ def _train_runs() -> list[tuple[str, list[str]]]:
     return runs
 
 
+# stages that start from an earlier stage's weights: (config id of the network, config id of its checkpoint path)
+PREVIOUS_STAGE = {
+    "train_semi.json": ("network_def", "stage_a_ckpt"),
+    "train_mim.json": ("tokenizer_def", "tokenizer_ckpt"),
+}
+
+
+def write_previous_stage(root: str, configs: list[str], **overrides) -> None:
+    """Save freshly initialised weights where a later-stage overlay loads its previous stage from."""
+    for name, (net_id, path_id) in PREVIOUS_STAGE.items():
+        if name in configs:
+            parser = parse_bundle(root, configs, **overrides)
+            path = parser.get_parsed_content(path_id)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(parser.get_parsed_content(net_id, lazy=False).state_dict(), path)
+
+
 RUNS = _train_runs()
 IDS = [f"{os.path.basename(b)}:{c[-2] if len(c) == 3 else 'train.json'}" for b, c in RUNS]
 
@@ -81,6 +98,7 @@ def test_one_amp_iteration_per_train_config(bundle, configs, bundle_copy, tmp_pa
     root = bundle_copy(bundle)
     with on_sys_path(root):
         dataset_dir = parse_bundle(root, configs, dataset_dir=str(tmp_path / "data")).get_parsed_content("demo_data")
+        write_previous_stage(root, configs, dataset_dir=dataset_dir)
         overrides = {"dataset_dir": dataset_dir, "train#trainer#max_epochs": 1, "train#trainer#epoch_length": 1}
         # the evaluator's autocast only wraps its inferer (metrics run after it); on CPU a float16 sliding window
         # over a whole demo volume costs minutes, so validation runs in float32 here

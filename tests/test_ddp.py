@@ -27,7 +27,8 @@ from common.engines.lovt import LoVTTrainStep
 from common.engines.lvit_semi import EPIBank
 from common.engines.runtime import keep_freed_memory
 from tests.conftest import demo_dataset
-from tools.bundle_io import BUNDLES_DIR
+from tests.test_amp import write_previous_stage
+from tools.bundle_io import BUNDLES_DIR, on_sys_path
 
 WORLD = 2
 JOIN_TIMEOUT = 120
@@ -253,6 +254,8 @@ def test_lvit_semi_ddp_early_stop_fires_on_every_rank(bundle_copy, demo_data_dir
     data = demo_dataset(bundle, demo_data_dirs, tmp_path_factory)
     root = bundle_copy(bundle)
     configs = ["train.json", "train_semi.json", "multi_gpu_train.json", "demo.json", _with_weight_saver(root)]
+    with on_sys_path(root):
+        write_previous_stage(root, ["train.json", "train_semi.json", "demo.json"], dataset_dir=data)
     # a constant score never improves: patience 1 stops training after epoch 2 of 5
     args = ["--dataset_dir", data, "--train#trainer#max_epochs", "5", "--early_stop_patience", "1", *SHORT]
     args += ["--validate#early_stop#score_function", "$lambda engine: 0.0"]
@@ -270,6 +273,8 @@ def test_pumit_mim_overlay_under_ddp(bundle_copy, demo_data_dirs, tmp_path_facto
     data = demo_dataset(bundle, demo_data_dirs, tmp_path_factory)
     root = bundle_copy(bundle)
     configs = ["train.json", "train_mim.json", "multi_gpu_train.json", "demo.json", _with_weight_saver(root)]
+    with on_sys_path(root):
+        write_previous_stage(root, ["train.json", "train_mim.json", "demo.json"], dataset_dir=data)
     _torchrun(root, configs, ["--dataset_dir", data, "--train#trainer#max_epochs", "1", *SHORT])
     _same_weights_on_every_rank(root)
 
