@@ -8,6 +8,7 @@ with a subprocess timeout. Samplers are checked with explicit ``num_replicas`` /
 from __future__ import annotations
 
 import ctypes.util
+import glob
 import json
 import os
 import socket
@@ -235,7 +236,9 @@ def _torchrun(root: str, configs: list[str], args: list[str], timeout: int = 600
 
 
 def _same_weights_on_every_rank(root: str) -> None:
-    states = [torch.load(os.path.join(root, "models", f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+    paths = [glob.glob(os.path.join(root, "models", "**", f"rank{r}.pt"), recursive=True) for r in range(WORLD)]
+    assert all(len(p) == 1 for p in paths), paths  # written to the stage's ckpt_dir
+    states = [torch.load(p[0], weights_only=True) for p in paths]
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], msg=f"ranks differ in {key}")
