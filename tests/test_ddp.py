@@ -29,7 +29,7 @@ from common.engines.lvit_semi import EPIBank
 from common.engines.runtime import keep_freed_memory
 from tests.conftest import demo_dataset
 from tests.test_amp import write_previous_stage
-from tools.bundle_io import BUNDLES_DIR, on_sys_path
+from tools.bundle_io import BUNDLES_DIR, REPO_ROOT, on_sys_path
 
 WORLD = 2
 JOIN_TIMEOUT = 120
@@ -224,8 +224,8 @@ def _torchrun(root: str, configs: list[str], args: list[str], timeout: int = 600
     paths = "[" + ",".join(f"'{os.path.join(root, 'configs', c)}'" for c in configs) + "]"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={WORLD}"]
     command += ["-m", "monai.bundle", "run", "--config_file", paths, "--bundle_root", root, *args]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # this checkout's ``common`` first, whatever else the environment has installed
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     try:
         result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:

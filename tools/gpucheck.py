@@ -28,7 +28,15 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.engines import IterationEvents
 
-from tools.bundle_io import config_paths, copy_bundle, discover_bundles, load_metadata, on_sys_path, parse_bundle
+from tools.bundle_io import (
+    REPO_ROOT,
+    config_paths,
+    copy_bundle,
+    discover_bundles,
+    load_metadata,
+    on_sys_path,
+    parse_bundle,
+)
 
 STEPS = ("train", "validate", "infer", "export", "torchrun", "tensorrt")
 # demo.json keys that shrink the paper setup; without --smoke they take train.json's value again
@@ -216,7 +224,8 @@ def _torchrun(root: str, configs: list[str], overrides: dict, timeout: int = 900
         command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
     command += ["--train#trainer#max_epochs", "1", "--train#trainer#epoch_length", "2"]
     command += ["--validate#evaluator#epoch_length", "1"]
-    result, secs = _timed(lambda: subprocess.run(command, capture_output=True, text=True, timeout=timeout))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+    result, secs = _timed(lambda: subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env))
     if result.returncode != 0:
         raise RuntimeError(f"torchrun exited {result.returncode}: {(result.stdout + result.stderr)[-2000:]}")
     return {"s": round(secs, 1), "backend": "nccl" if torch.cuda.is_available() else "gloo"}
