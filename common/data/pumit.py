@@ -61,6 +61,8 @@ def _check_spacing(spacing: Sequence[float], path: str) -> tuple[float, float, f
     return tuple(float(s) for s in spacing)  # type: ignore[return-value]
 
 
+# not LoadImage(PydicomReader): it orders slices by InstanceNumber and steps along z only; this orders along the
+# slice normal and measures the 3D step, so oblique or renumbered series keep their geometry
 def _dicom_files(folder: str) -> list:
     import pydicom
 
@@ -129,6 +131,7 @@ def read_spacing(path: str, spacing: Sequence[float] | None = None) -> tuple[flo
     raise ValueError(f"{path}: unsupported image format; use NIfTI, PNG/JPEG or a DICOM series folder.")
 
 
+# not ScaleIntensityRangePercentiles: its percentiles count the background minimum too (a test shows the gap)
 def _normalise(arr: np.ndarray) -> np.ndarray:
     """Map the 0.5-99.5 percentile range of the values above the minimum to [0, 1]."""
     arr = arr.astype(np.float32)
