@@ -114,7 +114,8 @@ def _release_weights(bundle: str) -> list[str]:
 def _write_large_files(staged: str, weights: list[str], name: str, version: str, url_template: str) -> None:
     path = os.path.join(staged, "large_files.yml")
     with open(path) as f:
-        entries = (yaml.safe_load(f) or {}).get("large_files", [])
+        spec = yaml.safe_load(f) or {}  # official_files / convert (tools weights) are kept as they are
+    entries = spec.get("large_files") or []
     listed = {e["path"] for e in entries}
     for rel in weights:
         file_hash = sha256_of(os.path.join(staged, rel))
@@ -129,7 +130,7 @@ def _write_large_files(staged: str, weights: list[str], name: str, version: str,
         else:
             entries.append({"path": rel, "url": url, "hash_val": file_hash, "hash_type": "sha256"})
     with open(path, "w") as f:
-        yaml.safe_dump({"large_files": entries}, f, sort_keys=False)
+        yaml.safe_dump({**spec, "large_files": entries}, f, sort_keys=False)
 
 
 def package_bundle(bundle: str, out_dir: str = "dist", url_template: str | None = None) -> str:
