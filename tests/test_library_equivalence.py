@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pydicom
 import pytest
 import torch
+from monai.data import PydicomReader
 from monai.handlers import CheckpointSaver
 from monai.optimizers import WarmupCosineSchedule
-from monai.transforms import ScaleIntensityRangePercentiles, get_largest_connected_component_mask
+from monai.transforms import LoadImage, ScaleIntensityRangePercentiles, get_largest_connected_component_mask
 from scipy import ndimage
 
-from common.data.pumit import _normalise
+from common.data.pumit import _dicom_files, _normalise
 from common.data.universal import organ_post_process
+from common.demo.pumit import _write_dicom_series
 from common.metrics.lovt import GlobalDice
 from common.optim import LinearWarmupCosineAnnealingLR
 from tools.verify import VerificationError, fake_spatial_shape
@@ -108,3 +113,16 @@ def test_monai_percentile_scaling_counts_the_background_that_ours_leaves_out():
 def test_monai_key_metric_checkpoint_is_not_written_atomically(tmp_path):
     saver = CheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_key_metric=True)
     assert saver._key_metric_checkpoint.save_handler._atomic is False, "if MONAI writes atomically, use CheckpointSaver"
+
+
+def test_monai_dicom_series_follows_instance_numbers_where_ours_follows_positions(tmp_path):
+    folder = str(tmp_path / "series")
+    _write_dicom_series(folder, np.arange(4)[:, None, None] * np.full((4, 6, 6), 10), (2.5, 0.8, 0.8))
+    for name in os.listdir(folder):  # renumbered series: instance numbers run against the slice positions
+        ds = pydicom.dcmread(os.path.join(folder, name))
+        ds.InstanceNumber = 5 - ds.InstanceNumber
+        ds.save_as(os.path.join(folder, name))
+    ours = [float(ds.pixel_array.mean()) for _, ds in _dicom_files(folder)]
+    monai = LoadImage(reader=PydicomReader(), image_only=True)(folder)
+    assert ours == [0.0, 10.0, 20.0, 30.0], "ours: ordered along the slice normal"
+    assert [float(monai[..., i].mean()) for i in range(4)] == [30.0, 20.0, 10.0, 0.0], "monai: by InstanceNumber"
