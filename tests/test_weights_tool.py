@@ -211,3 +211,21 @@ def test_bundle_large_files_are_readable_by_both_tools(bundle):
         assert recipe["src"] in {e["path"] for e in spec["files"]}
         with open(os.path.join(bundle, "configs", "inference.json")) as f:
             assert recipe["dst"].removeprefix("models/") in f.read()  # the file inference loads
+
+
+def test_text_encoders_are_pinned_and_cache_keys_name_the_commit(tmp_path, caplog):
+    from common.text.cache import PINNED_REVISIONS, encoder_key, is_commit
+
+    for bundle in discover_bundles():
+        for name in os.listdir(os.path.join(bundle, "configs")):
+            with open(os.path.join(bundle, "configs", name)) as f:
+                config = json.load(f) if name.endswith(".json") else {}
+            if isinstance(config.get("text_revision"), str) or "text_revision" in config:
+                assert is_commit(config["text_revision"]), f"{bundle}/{name}: text_revision not a commit"
+    assert all(is_commit(r) for r in PINNED_REVISIONS.values())
+    commit = PINNED_REVISIONS["bert-base-uncased"]
+    assert encoder_key("bert-base-uncased", commit) == f"bert-base-uncased@{commit}"
+    assert encoder_key(str(tmp_path), None) == f"{tmp_path}@local"
+    with caplog.at_level("WARNING"):
+        assert encoder_key("bert-base-uncased", "main") == "bert-base-uncased@main"
+    assert "not pinned to a commit" in caplog.text
