@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import os
+import re
 import threading
 
 import pytest
@@ -229,3 +230,42 @@ def test_text_encoders_are_pinned_and_cache_keys_name_the_commit(tmp_path, caplo
     with caplog.at_level("WARNING"):
         assert encoder_key("bert-base-uncased", "main") == "bert-base-uncased@main"
     assert "not pinned to a commit" in caplog.text
+
+
+@pytest.mark.parametrize("bundle", discover_bundles(), ids=os.path.basename)
+def test_zoo_verify_bundle_min_mode_offline(tmp_path, bundle, monkeypatch):
+    """The model zoo's ``ci/verify_bundle.py -m min``, offline: large files (present ones hash-checked by MONAI's
+    ``download_url``, as the zoo calls it), necessary and preferred files with ``models/model.pt`` from a tiny
+    demo network, metadata against schema 20240725 and the changelog."""
+    import monai.apps.utils
+    from monai.apps.utils import download_url
+
+    from tools.bundle_io import copy_bundle, on_sys_path, parse_bundle
+    from tools.verify import check_metadata
+
+    root = copy_bundle(bundle, str(tmp_path / os.path.basename(bundle)))
+    with on_sys_path(root):  # a demo-size network's weights stand in for a demo training run's model.pt
+        parser = parse_bundle(root, ["inference.json", "demo.json"])
+        weights = parser.get_parsed_content("network_def").state_dict()
+        ckpt_dir = parser.get_parsed_content("ckpt_dir")
+    with open(os.path.join(root, "configs", "inference.json")) as f:
+        loaded = {"model.pt", "image_encoder.pt"} & set(re.findall(r"/(\w+\.pt)'", f.read()))
+    for name in {"model.pt", *loaded}:  # the zoo's preferred file and the one inference loads
+        torch.save(weights, os.path.join(ckpt_dir, name))
+
+    def offline(url, *args, **kwargs):
+        raise ConnectionError(f"offline: {url}")
+
+    monkeypatch.setattr(monai.apps.utils, "_download_with_progress", offline)
+    with open(os.path.join(root, "large_files.yml")) as f:
+        entries = yaml.safe_load(f)["large_files"] or []
+    needs_network = []
+    for entry in entries:  # the zoo's utils.download_large_files, entry by entry
+        try:
+            download_url(entry["url"], os.path.join(root, entry["path"]), entry["hash_val"], entry["hash_type"])
+        except ConnectionError:
+            needs_network.append(entry["path"])
+    assert all(not os.path.exists(os.path.join(root, p)) for p in needs_network)  # only absent files need it
+    for rel in ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json"):
+        assert os.path.isfile(os.path.join(root, rel)), rel
+    check_metadata(root, None)
