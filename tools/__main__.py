@@ -76,7 +76,7 @@ def main() -> None:
     from tools.weights import WeightsError
 
     try:
-        fire.Fire(Tools, name="tools")
+        fire.Fire(Tools(), name="tools")  # an instance: --help then lists the commands
     except VerificationError as e:
         raise SystemExit(f"verification failed: {e}") from None
     except (CheckpointError, FileNotFoundError, WeightsError) as e:

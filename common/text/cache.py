@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from common.core.io import save_atomically
+from ..core.io import save_atomically
 
 __all__ = ["PINNED_REVISIONS", "TextEmbeddingCache", "encoder_key", "is_commit"]
 

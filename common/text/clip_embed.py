@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from common.core.io import save_atomically
-from common.core.taxonomy import PROMPT_NAMES
-from common.text.cache import PINNED_REVISIONS
+from ..core.io import save_atomically
+from ..core.taxonomy import PROMPT_NAMES
+from .cache import PINNED_REVISIONS
 
 __all__ = ["DEFAULT_REVISION", "PROMPT", "compute_class_embeddings", "embedding_sha256", "save_class_embeddings"]
 

@@ -19,7 +19,7 @@ import torch
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-from common.text.cache import TextEmbeddingCache, encoder_key
+from .cache import TextEmbeddingCache, encoder_key
 
 __all__ = [
     "BertWordEmbedder",

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from common.core.distributed import is_main_process, unwrap_module
-from common.core.io import save_atomically
-from common.weights.io import read_checkpoint, state_dict_of
+from ..core.distributed import is_main_process, unwrap_module
+from ..core.io import save_atomically
+from .io import read_checkpoint, state_dict_of
 
 __all__ = [
     "extract_lovt_image_encoder",

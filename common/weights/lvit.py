@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
-from common.weights.io import read_checkpoint, state_dict_of
+from .io import read_checkpoint, state_dict_of
 
 __all__ = ["DEAD_KEY_PATTERN", "load_lvit_from_unet", "load_lvit_official", "load_stage_a", "official_state_dict"]
 

@@ -17,10 +17,10 @@ import re
 import torch
 from torch import nn
 
-from common.networks.pumit.sac import adapt_in_channels, collapse_depth
-from common.networks.pumit.tokenizer import Tokenizer
-from common.networks.pumit.vit import ViT
-from common.weights.io import read_checkpoint, state_dict_of
+from ..networks.pumit.sac import adapt_in_channels, collapse_depth
+from ..networks.pumit.tokenizer import Tokenizer
+from ..networks.pumit.vit import ViT
+from .io import read_checkpoint, state_dict_of
 
 __all__ = [
     "convert_official_tokenizer",

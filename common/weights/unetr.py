@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from common.weights.io import read_checkpoint
+from .io import read_checkpoint
 
 # Present in checkpoints saved by older MONAI, unused at inference, rejected by strict loading today
 # (research-contributions issue #170).

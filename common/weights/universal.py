@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from common.weights.io import read_checkpoint
+from .io import read_checkpoint
 
 __all__ = ["load_swin_init", "official_state_dict"]
 
