@@ -269,3 +269,16 @@ def test_zoo_verify_bundle_min_mode_offline(tmp_path, bundle, monkeypatch):
     for rel in ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json"):
         assert os.path.isfile(os.path.join(root, rel)), rel
     check_metadata(root, None)
+
+
+def test_source_file_is_converted_and_reported_unverified(tmp_path, server, artefacts, capsys):
+    files, net = artefacts
+    bundle = _bundle(tmp_path, server, files, {"embedding.pth": _sha(files["embedding.pth"])})
+    local = tmp_path / "my_unetr.pth"
+    local.write_bytes(files["unetr.pth"])
+    dst = fetch_weights(bundle, source=str(local), progress=False)
+    out = capsys.readouterr().out
+    assert f"WARNING {local}: local file, UNVERIFIED; sha256 {_sha(files['unetr.pth'])}" in out
+    assert not (tmp_path / "bundle" / "models" / "official").exists()  # the official download was not needed
+    state = torch.load(dst, weights_only=True)
+    torch.testing.assert_close(state["out.conv.conv.weight"], net.state_dict()["out.conv.conv.weight"])
