@@ -282,3 +282,11 @@ def test_source_file_is_converted_and_reported_unverified(tmp_path, server, arte
     assert not (tmp_path / "bundle" / "models" / "official").exists()  # the official download was not needed
     state = torch.load(dst, weights_only=True)
     torch.testing.assert_close(state["out.conv.conv.weight"], net.state_dict()["out.conv.conv.weight"])
+
+
+def test_entry_outside_the_bundle_is_refused(tmp_path):
+    (tmp_path / "large_files.yml").write_text(
+        yaml.safe_dump({"official_files": [{"path": "../evil.pt", "url": "https://example.org/x", "hash_val": ""}]})
+    )
+    with pytest.raises(WeightsError, match="outside the bundle folder"):
+        read_large_files(str(tmp_path))
