@@ -19,7 +19,7 @@ import torch
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-from .cache import TextEmbeddingCache
+from .cache import TextEmbeddingCache, encoder_key
 
 __all__ = [
     "BertWordEmbedder",
@@ -74,7 +74,7 @@ class BertWordEmbedder:
 
     @property
     def encoder_id(self) -> str:
-        return f"{self.model_name_or_path}@{self.revision or 'default'}|last_layer|max_length={self.max_length}"
+        return f"{encoder_key(self.model_name_or_path, self.revision)}|last_layer|max_length={self.max_length}"
 
     def _load(self) -> None:
         from transformers import AutoModel, AutoTokenizer
