@@ -27,6 +27,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.data import Dataset, MetaTensor
 from monai.engines.utils import PrepareBatch
@@ -34,7 +36,7 @@ from monai.transforms import MapTransform, Randomizable, apply_transform
 from PIL import Image
 from torch.utils.data import Sampler
 
-from common.core.spacing import ANISO_D_2D, aniso_d_from_spacing
+from ..core.spacing import ANISO_D_2D, aniso_d_from_spacing
 
 __all__ = [
     "CHAOSSubmissionWriterd",
@@ -296,26 +298,55 @@ class DABucketBatchSampler(Sampler[list[int]]):
     """Weighted draws of images, one degree of anisotropy per batch (DA is a per-batch network argument).
 
     Each batch draws its first image with probability proportional to ``weight``, then fills up with
-    images of the same ``aniso_d`` (also by weight). ``num_batches`` batches make one epoch.
+    images of the same ``aniso_d`` (also by weight). One epoch is ``num_batches`` batches in all ranks
+    together: every rank draws the same epoch from ``(seed, epoch)`` and keeps batches ``rank::world``,
+    so under DDP no batch is drawn twice and each rank runs ``ceil(num_batches / world)`` of them.
+    ``set_epoch`` (called by :meth:`attach`'s handler, like MONAI does for ``DistributedSampler``) picks
+    the epoch; without it each pass over the sampler moves on to the next epoch.
     """
 
-    def __init__(self, data: Sequence[Mapping], batch_size: int, num_batches: int, seed: int = 0):
+    def __init__(
+        self,
+        data: Sequence[Mapping],
+        batch_size: int,
+        num_batches: int,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):
+        running = dist.is_available() and dist.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if running else 1
+        self.rank = rank if rank is not None else dist.get_rank() if running else 0
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is outside [0, {self.num_replicas}).")
         self.batch_size = batch_size
         self.num_batches = num_batches
+        self.seed = seed
+        self.epoch = 0
         self.weights = np.array([float(d.get("weight", 1.0)) for d in data])
         self.aniso_d = np.array([int(d["aniso_d"]) for d in data])
-        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return self.num_batches
+        return -(-self.num_batches // self.num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def attach(self, engine: Engine) -> None:
+        """Call ``set_epoch(engine.state.epoch)`` at the start of every epoch of ``engine`` (resume included)."""
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.set_epoch(e.state.epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
         p = self.weights / self.weights.sum()
-        for _ in range(self.num_batches):
-            first = int(self.rng.choice(len(p), p=p))
+        for i in range(len(self) * self.num_replicas):
+            first = int(rng.choice(len(p), p=p))
             same = np.flatnonzero(self.aniso_d == self.aniso_d[first])
             q = self.weights[same] / self.weights[same].sum()
-            yield [first, *self.rng.choice(same, size=self.batch_size - 1, p=q).tolist()]
+            batch = [first, *rng.choice(same, size=self.batch_size - 1, p=q).tolist()]
+            if i % self.num_replicas == self.rank:
+                yield batch
 
 
 class RandScaleDABatchSampler(Sampler[list[tuple[int, dict]]]):
@@ -427,13 +458,9 @@ class PUMITPrepareBatch(PrepareBatch):
         if not bool((da == da[0]).all()):
             raise ValueError(f"a PUMIT batch must share one aniso_d, got {da.tolist()}; use DABucketBatchSampler.")
         image = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking)
-        target = (
-            None
-            if self.target_key is None
-            else image
-            if self.target_key == self.image_key
-            else torch.as_tensor(batchdata[self.target_key]).to(device=device, non_blocking=non_blocking)
-        )
+        target = None if self.target_key is None else image
+        if self.target_key not in (None, self.image_key):
+            target = torch.as_tensor(batchdata[self.target_key]).to(device=device, non_blocking=non_blocking)
         return image, target, (), {"aniso_d": int(da[0])}
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from torch import nn
 from torch.nn import functional as F
 
@@ -200,14 +201,17 @@ class TokenAgreement(Metric):
     A higher-is-better MIM validation score; ``output_transform`` must give ``(pred, target)`` of shape (M, K).
     """
 
+    @reinit__is_reduced
     def reset(self) -> None:
         self._hits, self._count = 0, 0
 
+    @reinit__is_reduced
     def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
         pred, target = output
         self._hits += int((pred.argmax(dim=-1) == target.argmax(dim=-1)).sum())
         self._count += pred.shape[0]
 
+    @sync_all_reduce("_hits", "_count")  # summed over DDP ranks, so every rank sees the same score
     def compute(self) -> float:
         return self._hits / max(self._count, 1)
 
