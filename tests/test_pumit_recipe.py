@@ -391,3 +391,13 @@ def test_codebook_usage_handler_counts_codes_and_perplexity():
         {"epoch": 1, "used": 4, "perplexity": pytest.approx(4.0)},
         {"epoch": 2, "used": 4, "perplexity": pytest.approx(4.0)},
     ]
+
+
+def test_codebook_monitor_only_in_the_tokenizer_stage():
+    from common.engines.pumit import CodebookUsageHandler
+
+    tok = _parser(PRETRAIN, ["train.json"])
+    index = [h["_target_"] for h in tok["train"]["handlers"]].index("common.engines.pumit.CodebookUsageHandler")
+    assert isinstance(tok.get_parsed_content(f"train#handlers#{index}"), CodebookUsageHandler)
+    mim = _parser(PRETRAIN, ["train.json", "train_mim.json"])
+    assert mim.get_parsed_content(f"train#handlers#{index}") is None  # MIM outputs carry no code probabilities
