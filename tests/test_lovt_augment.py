@@ -1,7 +1,7 @@
 """LoVT image augmentation: torchvision's parameter sampling and formulas, and the pretraining config using them.
 
-Parity against torchvision itself (not a dependency) is measured by ``python -m tools benchmark
-lovt_augment_parity``; these tests check the same semantics against the formulas torchvision documents.
+Parity against torchvision itself (not a dependency) is measured by ``python -m
+tools.lovt_augment_parity``; these tests check the same semantics against the formulas torchvision documents.
 """
 
 from __future__ import annotations
