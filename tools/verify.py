@@ -27,13 +27,15 @@ from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 from monai.bundle.scripts import _get_fake_spatial_shape  # the shape patterns ("32*n") verify_net_in_out reads
 
 import common
-from tools.bundle_io import REPO_ROOT, copy_bundle, load_metadata, on_sys_path, parse_bundle
+from tools.bundle_io import copy_bundle, load_metadata, on_sys_path, parse_bundle
 
 logger = logging.getLogger("tools.verify")
 
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 SCHEMA_ENV = "MONAI_BUNDLE_SCHEMA"
-SHARED_SCHEMA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "monai", "meta_schema_20240725.json")
+SCHEMA_SHA256 = "d95c74c2915faef04ff6a2d6bd865da922bc8cd5afb4a0719b2dc6e1220528e7"
+# MONAI's schema, pinned in the repo (source URL and hashes in tools/schemas/README.md): verify works offline
+PINNED_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas", "meta_schema_20240725.json")
 REQUIRED_FILES = (
     "LICENSE",
     "configs/metadata.json",
@@ -87,15 +89,9 @@ def check_name(bundle: str) -> None:
 
 
 def resolve_schema(schema: str | None, scratch: str) -> str:
-    """Copy the schema (option, $MONAI_BUNDLE_SCHEMA, the shared copy, or a URL) into ``scratch``.
-
-    When no local copy is found the returned path does not exist yet, and ``verify_metadata`` downloads
-    the URL named in ``metadata.json``, checked against the same md5.
-    """
+    """Copy the schema (option, $MONAI_BUNDLE_SCHEMA or the pinned copy; a path or a URL) into ``scratch``."""
     target = os.path.join(scratch, "schema.json")
-    source = schema or os.environ.get(SCHEMA_ENV) or (SHARED_SCHEMA if os.path.exists(SHARED_SCHEMA) else None)
-    if source is None:
-        return target
+    source = schema or os.environ.get(SCHEMA_ENV) or PINNED_SCHEMA
     if re.match(r"^https?://", source):
         urllib.request.urlretrieve(source, target)
     else:

@@ -21,8 +21,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, Transform
 from scipy import ndimage
 
-from common.core.taxonomy import CLASS_NAMES, NUM_CLASSES, PROMPT_NAMES
-from common.data.checks import source_name
+from ..core.taxonomy import CLASS_NAMES, NUM_CLASSES, PROMPT_NAMES
+from .checks import source_name
 
 __all__ = [
     "CLASS_CROP_DATASETS",

@@ -6,7 +6,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import LrScheduleHandler
 from monai.handlers import ValidationHandler as _MonaiValidationHandler
 
-from common.engines.checkpoint import BestMetricSaver, LastCheckpointSaver, ResumeCheckpointLoader
+from .checkpoint import BestMetricSaver, LastCheckpointSaver, ResumeCheckpointLoader
 
 __all__ = [
     "BestMetricSaver",
