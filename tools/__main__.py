@@ -1,4 +1,4 @@
-"""``python -m tools verify|package|fetch|weights|demo|convert|prepare|benchmark``: the command-line interface."""
+"""``python -m tools verify|package|fetch|weights|demo|convert|prepare|benchmark|gpucheck``: the CLI."""
 
 from __future__ import annotations
 
@@ -68,6 +68,19 @@ class Tools:
     def benchmark(self, name: str, **kwargs: Any) -> None:
         """Print train-step and inference figures for one model (``tools/benchmarks/<name>.py``)."""
         _plugin("benchmarks", name, "main")(**kwargs)
+
+    def gpucheck(
+        self,
+        smoke: bool = False,
+        bundles: str | None = None,
+        steps: str = "train,validate,infer,export,torchrun,tensorrt",
+        iterations: int | None = None,
+        out: str = "gpucheck.json",
+    ) -> None:
+        """Every bundle's train/validate/infer/export/torchrun on CUDA with AMP, timed (``--smoke``: CPU, tiny)."""
+        from tools.gpucheck import main as gpucheck_main
+
+        gpucheck_main(smoke=smoke, bundles=bundles, steps=steps, iterations=iterations, out=out)
 
 
 def main() -> None:
