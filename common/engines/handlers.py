@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from monai.handlers import ValidationHandler as _MonaiValidationHandler
 
 from common.engines.checkpoint import BestMetricSaver, LastCheckpointSaver, ResumeCheckpointLoader
 
-__all__ = ["BestMetricSaver", "LastCheckpointSaver", "ResumeCheckpointLoader", "ValidationHandler"]
+__all__ = [
+    "BestMetricSaver",
+    "LastCheckpointSaver",
+    "ResumeCheckpointLoader",
+    "TrainingProgressBar",
+    "ValidationHandler",
+]
 
 
 class ValidationHandler(_MonaiValidationHandler):
@@ -32,3 +40,15 @@ class ValidationHandler(_MonaiValidationHandler):
         engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=due), self)
         if self.exec_at_start:
             engine.add_event_handler(Events.STARTED, self)
+
+
+class TrainingProgressBar(ProgressBar):
+    """ignite's tqdm ``ProgressBar`` over the whole run: one step per epoch, with elapsed time and ETA.
+
+    MONAI's trainers call ``attach(engine)`` without options, which would count the iterations of one
+    epoch; this counts epochs out of ``max_epochs`` so the remaining time is the run's. Rank 0 only.
+    """
+
+    def attach(self, engine: Engine) -> None:  # type: ignore[override]
+        if idist.get_rank() == 0:
+            super().attach(engine, event_name=Events.EPOCH_COMPLETED, closing_event_name=Events.COMPLETED)
