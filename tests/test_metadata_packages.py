@@ -2,8 +2,10 @@
 
 Static and cheap: the ``_target_`` paths and ``$import`` lines of every config name the modules a bundle
 runs; the ``common`` modules among them are followed through their own imports (lazy ones included).
-Packages MONAI imports only optionally (``einops`` for its ViT) are not visible here:
-``test_release_env.py`` runs each release zip in an environment with only the listed packages.
+A package imported only inside a function with a fallback (the ONNX Runtime / OpenVINO inference
+backends) belongs in ``optional_packages_version``. Packages MONAI imports only optionally (``einops``
+for its ViT) are not visible here: ``test_release_env.py`` runs each release zip in an environment with
+only the listed packages.
 """
 
 from __future__ import annotations
@@ -100,5 +102,5 @@ def test_metadata_lists_imported_packages(bundle):
     meta = load_metadata(bundle)
     listed = set(meta.get("required_packages_version", {})) | set(meta.get("optional_packages_version", {}))
     missing = required_packages(bundle) - listed
-    assert not missing, f"{bundle}/configs/metadata.json: required_packages_version lacks {sorted(missing)}"
+    assert not missing, f"{bundle}/configs/metadata.json: required/optional_packages_version lack {sorted(missing)}"
     assert "fire" in listed, "MONAI's `python -m monai.bundle download/run` needs fire"

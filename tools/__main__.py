@@ -1,4 +1,4 @@
-"""``python -m tools verify|package|fetch|demo|convert|prepare|benchmark``: the collection's command-line interface."""
+"""``python -m tools verify|package|fetch|weights|demo|convert|prepare|benchmark``: the command-line interface."""
 
 from __future__ import annotations
 
@@ -45,6 +45,12 @@ class Tools:
 
         return fetch_bundle(name, index, bundle_dir=bundle_dir, version=version)
 
+    def weights(self, bundle: str, source: str = "official", progress: bool = True) -> None:
+        """Download (resumable, hash-checked), convert and strictly load a bundle's released weights."""
+        from tools.weights import fetch_weights
+
+        fetch_weights(bundle, source=source, progress=progress)
+
     def demo(self, bundle: str, epochs: int | None = None, steps: str = "train,evaluate,infer,export") -> None:
         """Generate the bundle's demo data, then train, evaluate, infer and export through ``monai.bundle``."""
         from tools.demo import run_demo
@@ -65,12 +71,16 @@ class Tools:
 
 
 def main() -> None:
+    from common.weights.io import CheckpointError
     from tools.verify import VerificationError
+    from tools.weights import WeightsError
 
     try:
         fire.Fire(Tools(), name="tools")  # an instance: --help then lists the commands
     except VerificationError as e:
         raise SystemExit(f"verification failed: {e}") from None
+    except (CheckpointError, FileNotFoundError, WeightsError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

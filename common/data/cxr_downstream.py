@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import tempfile
 from pathlib import Path
 
-__all__ = ["segmentation_datalist", "dataset_statistics"]
+__all__ = ["segmentation_datalist", "dataset_statistics", "normalization_statistics", "save_normalization"]
 
+logger = logging.getLogger(__name__)
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff"}
 
 
@@ -81,14 +84,54 @@ def segmentation_datalist(
     return _first(data, fraction)
 
 
-def dataset_statistics(dataset_dir: str, filename: str = "dataset_statistics.json") -> dict[str, float]:
-    """``{"pixel_mean", "pixel_std"}`` of the downstream train split (intensities scaled to [0, 1])."""
+def dataset_statistics(dataset_dir: str, filename: str = "dataset_statistics.json", split: str = "train") -> dict:
+    """``{"pixel_mean", "pixel_std"}`` of one split (intensities scaled to [0, 1]).
+
+    Reads the official LoVT file unchanged (``{"train": {"scan": {"pixel_mean", "pixel_std"}, ...}, ...}``) and
+    the flat ``{"pixel_mean", "pixel_std"}`` files this collection writes (MIMIC index, ``models/normalization.json``).
+    """
     path = os.path.join(dataset_dir, filename)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Dataset statistics not found: {path} (pixel_mean / pixel_std of the train split).")
     with open(path) as f:
         stats = json.load(f)
+    if split in stats:
+        stats = stats[split].get("scan", stats[split])
     for key in ("pixel_mean", "pixel_std"):
         if key not in stats:
-            raise KeyError(f"{path}: missing '{key}'.")
+            raise KeyError(f"{path}: missing '{key}' (looked in '{split}' -> 'scan' and at the top level).")
     return {"pixel_mean": float(stats["pixel_mean"]), "pixel_std": float(stats["pixel_std"])}
+
+
+def normalization_statistics(pixel_mean: float, pixel_std: float, statistics_file: str | None = None) -> dict:
+    """The train-split statistics in ``statistics_file`` when it exists, else the configured ``pixel_mean/std``.
+
+    Training passes ``<dataset_dir>/dataset_statistics.json`` (the official file, only needed to get the numbers);
+    inference and evaluation pass ``models/normalization.json``, which training writes next to ``model.pt``, so a
+    model is always normalised as it was trained and inference needs nothing but an image.
+    """
+    if statistics_file and os.path.isfile(statistics_file):
+        stats = dataset_statistics(os.path.dirname(statistics_file), os.path.basename(statistics_file))
+        logger.info(f"normalisation from {statistics_file}: {stats}")
+        return stats
+    if pixel_std <= 0:
+        raise ValueError(f"pixel_std must be positive, got {pixel_std}.")
+    stats = {"pixel_mean": float(pixel_mean), "pixel_std": float(pixel_std)}
+    logger.info(f"normalisation from the config ({statistics_file or 'no statistics file'} not found): {stats}")
+    return stats
+
+
+def save_normalization(stats: dict, path: str) -> str:
+    """Write ``{"pixel_mean", "pixel_std"}`` to ``path`` atomically (temp file + rename); return ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pixel_mean": stats["pixel_mean"], "pixel_std": stats["pixel_std"]}, f, indent=4)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

@@ -17,8 +17,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
-from common.core.distributed import is_main_process, unwrap_module
-from common.core.io import save_atomically
+from ..core.distributed import is_main_process, unwrap_module
+from ..core.io import save_atomically
 
 
 def state_of(save_dict: Mapping[str, Any]) -> dict[str, Any]:

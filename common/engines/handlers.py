@@ -5,17 +5,34 @@ from __future__ import annotations
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
+from monai.handlers import LrScheduleHandler
 from monai.handlers import ValidationHandler as _MonaiValidationHandler
 
-from common.engines.checkpoint import BestMetricSaver, LastCheckpointSaver, ResumeCheckpointLoader
+from .checkpoint import BestMetricSaver, LastCheckpointSaver, ResumeCheckpointLoader
 
 __all__ = [
     "BestMetricSaver",
+    "EpochStartLrScheduleHandler",
     "LastCheckpointSaver",
     "ResumeCheckpointLoader",
     "TrainingProgressBar",
     "ValidationHandler",
 ]
+
+
+class EpochStartLrScheduleHandler(LrScheduleHandler):
+    """MONAI's epoch-level ``LrScheduleHandler`` stepping when each epoch starts instead of when it ends.
+
+    The Universal Model's ``train.py`` calls ``scheduler.step()`` before training each epoch, so epoch 1
+    trains at the first warm-up step (not at ``warmup_start_lr`` = 0) and the last epoch at ``eta_min``.
+    A checkpoint saved after epoch ``k`` holds a scheduler stepped ``k`` times, so resuming continues the
+    same sequence.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        if self._name is None:
+            self.logger = engine.logger
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
 
 
 class ValidationHandler(_MonaiValidationHandler):

@@ -9,13 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "image_positive_weights",
-    "local_intra_sample_contrastive",
-    "global_info_nce",
-    "LoVTLoss",
-    "SmpBinaryDice",
-]
+__all__ = ["image_positive_weights", "local_intra_sample_contrastive", "global_info_nce", "LoVTLoss", "SmpBinaryDice"]
 
 
 def image_positive_weights(height: int, width: int, threshold: float = 0.5, smooth: float = 1.0) -> torch.Tensor:

@@ -11,13 +11,16 @@ from monai.handlers import IgniteMetricHandler, MetricsSaver
 from monai.handlers.utils import from_engine, write_metrics_reports
 from monai.utils import string_list_all_gather
 
-from common.metrics.btcv import BTCVParityDice
+from .btcv import BTCVParityDice
+
+# the evaluators' (prediction, label) pair; a module constant, not a call in each signature (flake8 B008)
+PRED_AND_LABEL = from_engine(["pred", "label"])
 
 
 class BTCVParityDiceHandler(IgniteMetricHandler):
     """Mean organ Dice with research-contributions' empty-organ rule; ``save_details`` keeps per-case rows."""
 
-    def __init__(self, output_transform: Callable = from_engine(["pred", "label"]), save_details: bool = True) -> None:
+    def __init__(self, output_transform: Callable = PRED_AND_LABEL, save_details: bool = True) -> None:
         super().__init__(metric_fn=BTCVParityDice(), output_transform=output_transform, save_details=save_details)
 
 

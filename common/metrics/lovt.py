@@ -11,6 +11,9 @@ from monai.metrics import CumulativeIterationMetric
 
 __all__ = ["GlobalDice", "GlobalDiceHandler"]
 
+# the evaluators' (prediction, label) pair; a module constant, not a call in each signature (flake8 B008)
+PRED_AND_LABEL = from_engine(["pred", "label"])
+
 
 class GlobalDice(CumulativeIterationMetric):
     """Accumulate TP, FP and FN over every pixel seen, then Dice = 2TP / (2TP + FP + FN).
@@ -44,5 +47,5 @@ class GlobalDice(CumulativeIterationMetric):
 class GlobalDiceHandler(IgniteMetricHandler):
     """Ignite wrapper of :class:`GlobalDice` for MONAI evaluators (``pred`` probabilities, ``label`` mask)."""
 
-    def __init__(self, threshold: float = 0.5, output_transform: Callable = from_engine(["pred", "label"])) -> None:
+    def __init__(self, threshold: float = 0.5, output_transform: Callable = PRED_AND_LABEL) -> None:
         super().__init__(metric_fn=GlobalDice(threshold), output_transform=output_transform)

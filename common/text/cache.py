@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from common.core.io import save_atomically
+from ..core.io import save_atomically
 
 __all__ = ["TextEmbeddingCache"]
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from common.core.io import save_atomically
-from common.core.taxonomy import PROMPT_NAMES
+from ..core.io import save_atomically
+from ..core.taxonomy import PROMPT_NAMES
 
 __all__ = ["PROMPT", "compute_class_embeddings", "embedding_sha256", "save_class_embeddings"]
 

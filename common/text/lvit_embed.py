@@ -19,7 +19,7 @@ import torch
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-from common.text.cache import TextEmbeddingCache
+from .cache import TextEmbeddingCache
 
 __all__ = [
     "BertWordEmbedder",
