@@ -40,7 +40,6 @@ __all__ = [
     "UniversalPostProcessd",
     "class_indices",
     "dataset_key",
-    "image_datalist",
     "item_dataset_key",
     "label_transfer",
     "merge_label_map",
@@ -367,17 +366,6 @@ def read_dataset_list(list_file: str | Sequence[str], data_root: str, check_file
                 raise ValueError(f"{lf}:{n}: case {name!r} gives dataset key {key!r}, not in TEMPLATE.")
             items.append({"image": image, "label": label, "name": name})
     return items
-
-
-def image_datalist(dataset_dir: str, pattern: str = "*.nii.gz") -> list[dict[str, str]]:
-    """``[{"image": path}]`` for the images matching ``pattern`` under ``dataset_dir`` (recursive ``**`` allowed).
-
-    Raises ``FileNotFoundError`` when nothing matches instead of silently running on zero cases.
-    """
-    paths = sorted(str(p) for p in Path(dataset_dir).glob(pattern) if p.is_file())
-    if not paths:
-        raise FileNotFoundError(f"no image matches {pattern!r} under {dataset_dir}.")
-    return [{"image": p} for p in paths]
 
 
 def uniform_sample_weights(items: Sequence[Mapping[str, str]]) -> torch.Tensor:
