@@ -1,7 +1,8 @@
 """``python -m tools benchmark inference BUNDLE --backends torch,onnxruntime,openvino``: inference engines side by side.
 
 Per backend and precision, in a fresh process each (peak RSS per row): seconds per case (median after a
-warm-up call, which also exports and compiles into an empty engine cache), peak RSS, achieved GFLOP/s (the
+warm-up call, which also exports and compiles into an empty engine cache), the process's CPU seconds per
+case (all threads; comparable on a shared machine where wall time is not), peak RSS, achieved GFLOP/s (the
 torch fp32 FLOPs of the useful windows) and agreement with the torch fp32 outputs on the same inputs and
 random weights: max abs difference of probabilities, share of equal labels and Dice of the label maps.
 ``--profile`` adds OpenVINO's per-layer profile (the op types that take the time, and which kernel ran
@@ -112,15 +113,18 @@ def phase(bundle: str, backend: str, precision: str, reference: str, repeats: in
             start = time.perf_counter()
             out = inferer(inputs[0], network, *inputs[1:])
             first = time.perf_counter() - start
-            times = []
+            times, cpu = [], []
             for _ in range(repeats):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 out = inferer(inputs[0], network, *inputs[1:])
                 times.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
         engine = inferer._engine.engine if inferer._engine is not None else None
         top = engine.profile() if config and engine is not None else None
     prob = _probabilities(out.float(), case.activation)
-    result = {"seconds": sorted(times)[len(times) // 2], "first_call_seconds": first}
+    # CPU seconds (all threads) stay comparable on a shared machine, where wall time does not
+    result = {"seconds": sorted(times)[len(times) // 2], "cpu_seconds": sorted(cpu)[len(cpu) // 2]}
+    result["first_call_seconds"] = first
     if backend == "torch" and precision == "float32":
         torch.save(prob, reference)
     else:
@@ -169,10 +173,11 @@ def main(
             row = {"backend": backend, "precision": precision, **result}
             row["gflop_per_s"] = gflop / row["seconds"]
             rows.append(row)
-    base = rows[0]["seconds"]
     for row in rows:
-        row["speedup"] = base / row["seconds"]
-    columns = ["backend", "precision", "seconds", "speedup", "first_call_seconds", "peak_rss_gb", "gflop_per_s"]
+        row["speedup"] = rows[0]["seconds"] / row["seconds"]
+        row["cpu_speedup"] = rows[0]["cpu_seconds"] / row["cpu_seconds"]
+    columns = ["backend", "precision", "seconds", "speedup", "cpu_seconds", "cpu_speedup", "first_call_seconds"]
+    columns += ["peak_rss_gb", "gflop_per_s"]
     columns += ["max_abs_diff", "label_agreement", "dice", "rel_l2"]
     peaks = ", ".join(f"{k} {v:.0f}" for k, v in PEAK_GFLOPS.items())
     print_table(f"{bundle}: {gflop:.0f} GFLOP per case; peak GFLOP/s {peaks}; {threads} threads", rows, columns)
