@@ -175,8 +175,9 @@ def test_unsupported_precision_is_named():
         BackendInferer(SimpleInferer(), "tensorrt")
 
 
-# bundles whose CPU default is an engine (the pretraining bundles' encoders return dicts: torch)
-_ENGINE_DEFAULT = {*_SEGMENTERS, "clip_driven_universal_ct_segmentation"}
+# bundles whose CPU default is an engine: not the pretraining bundles (their encoders return dicts) nor the
+# Universal Model (its Swin backbone does not export to ONNX: channel sizes are lost in traced reshapes)
+_ENGINE_DEFAULT = set(_SEGMENTERS)
 
 
 @pytest.mark.parametrize("bundle", sorted(_BY_NAME))
@@ -188,3 +189,19 @@ def test_inference_configs_expose_backend(bundle):
         assert parser.get_parsed_content("backend") == ("torch" if torch.cuda.is_available() else cpu_default)
         assert parser.get_parsed_content("precision") in backends.PRECISIONS["torch"]
         assert "common.engines.backends.BackendInferer" in json.dumps(parser.config), name
+
+
+def test_benchmark_agreement_metrics():
+    """The benchmark's agreement columns: equal labels and Dice of label maps, softmax and sigmoid."""
+    from tools.benchmarks.inference import _agreement
+
+    ref = torch.zeros(1, 3, 4, 5)
+    ref[:, 0] = 1.0
+    ref[:, 1, :2] = 2.0  # class 1 on 10 of 20 pixels, class 0 elsewhere
+    moved = ref.clone()
+    moved[:, 1, :2, 0] = 0.0  # 2 of those pixels go back to class 0
+    result = _agreement(torch.softmax(moved, 1), torch.softmax(ref, 1), "softmax")
+    assert result["label_agreement"] == pytest.approx(18 / 20)
+    assert result["dice"] == pytest.approx((2 * 8 / 18 + 2 * 10 / 22) / 2)
+    same = _agreement(torch.sigmoid(ref), torch.sigmoid(ref), "sigmoid")
+    assert same == {"max_abs_diff": 0.0, "label_agreement": 1.0, "dice": 1.0}

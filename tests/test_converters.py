@@ -224,3 +224,14 @@ def test_every_converter_reports_bad_files_in_one_line(tmp_path, name, damage):
         Tools().convert(name, str(src), str(dst))
     assert str(info.value).startswith(str(src)) and "\n" not in str(info.value)
     assert not dst.exists()
+
+
+def test_cli_prints_one_line_instead_of_a_traceback(tmp_path, monkeypatch):
+    from tools.__main__ import main
+
+    src = tmp_path / "download.pth"
+    src.write_text("<html>Access denied</html>")
+    monkeypatch.setattr("sys.argv", ["tools", "convert", "unetr", str(src), str(tmp_path / "model.pt")])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert str(info.value) == f"error: {src}: not a PyTorch checkpoint (no zip archive; starts with b'<htm')."

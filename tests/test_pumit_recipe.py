@@ -345,3 +345,59 @@ def test_lpips_only_from_local_weights(tmp_path):
     out = {"pred": y[:1, :, None].expand(1, 3, 3, 32, 32), "logits": logits, "probs": logits.softmax(-1)}
     with_lpips = loss(out, x[:1, :, None].expand(1, 3, 3, 32, 32))
     assert float(with_lpips) > float(TokenizerLoss()(out, x[:1, :, None].expand(1, 3, 3, 32, 32)))
+
+
+def test_prior_term_matches_the_official_formula(monkeypatch):
+    """Official soft quantizer: p_mean = all_gather(p_mean.detach()).mean(0) - p_mean.detach() + p_mean,
+    loss = sum p_mean log p_mean; the value uses every rank, the gradient only the local part."""
+    import torch.distributed as dist
+
+    from common.losses import pumit as losses
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, 16, requires_grad=True)
+    probs = logits.softmax(-1)
+    local = probs.flatten(0, -2).mean(0)
+    assert float(losses.prior_entropy_loss(probs)) == pytest.approx(float((local * local.log()).sum()), rel=1e-6)
+    other = torch.rand(16).softmax(0)  # another rank's mean distribution
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather", lambda out, x: [out[0].copy_(x), out[1].copy_(other)])
+    loss = losses.prior_entropy_loss(probs)
+    both = (local + other) / 2
+    assert float(loss) == pytest.approx(float((both * both.log()).sum()), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    official = torch.stack([local.detach(), other]).mean(0) - local.detach() + local  # gradient: local part only
+    (expected,) = torch.autograd.grad((official * official.log()).sum(), logits)
+    assert torch.allclose(grad, expected, atol=1e-7) and float(grad.abs().sum()) > 0
+
+
+def test_codebook_usage_handler_counts_codes_and_perplexity():
+    from ignite.engine import Engine
+
+    from common.engines.pumit import CodebookUsageHandler
+
+    eye = torch.eye(8)
+    batches = [eye[[0, 0, 1, 1]], eye[[2, 2, 3, 3]]]  # epoch: 4 codes used, uniform over them
+
+    def step(engine, batch):
+        return [{"pred": {"probs": batch[:2]}}, {"pred": {"probs": batch[2:]}}]  # decollated
+
+    engine = Engine(step)
+    monitor = CodebookUsageHandler()
+    monitor.attach(engine)
+    engine.run(batches, max_epochs=2)
+    assert monitor.history == [
+        {"epoch": 1, "used": 4, "perplexity": pytest.approx(4.0)},
+        {"epoch": 2, "used": 4, "perplexity": pytest.approx(4.0)},
+    ]
+
+
+def test_codebook_monitor_only_in_the_tokenizer_stage():
+    from common.engines.pumit import CodebookUsageHandler
+
+    tok = _parser(PRETRAIN, ["train.json"])
+    index = [h["_target_"] for h in tok["train"]["handlers"]].index("common.engines.pumit.CodebookUsageHandler")
+    assert isinstance(tok.get_parsed_content(f"train#handlers#{index}"), CodebookUsageHandler)
+    mim = _parser(PRETRAIN, ["train.json", "train_mim.json"])
+    assert mim.get_parsed_content(f"train#handlers#{index}") is None  # MIM outputs carry no code probabilities

@@ -132,7 +132,7 @@ def test_cli_names_available_converters_for_unknown_name():
 def test_cli_help_lists_the_commands():
     result = subprocess.run([sys.executable, "-m", "tools", "--help"], capture_output=True, text=True, cwd=BUNDLES_DIR)
     assert result.returncode == 0
-    for command in ("verify", "package", "fetch", "demo", "convert", "prepare", "benchmark"):
+    for command in ("verify", "package", "fetch", "weights", "demo", "convert", "prepare", "benchmark"):
         # fire writes help to stderr when stdout is not a terminal
         assert f"\n     {command}\n" in result.stdout + result.stderr, (
             f"'python -m tools --help' does not list {command}"

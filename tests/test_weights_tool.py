@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import os
+import re
 import threading
 
 import pytest
@@ -211,3 +212,81 @@ def test_bundle_large_files_are_readable_by_both_tools(bundle):
         assert recipe["src"] in {e["path"] for e in spec["files"]}
         with open(os.path.join(bundle, "configs", "inference.json")) as f:
             assert recipe["dst"].removeprefix("models/") in f.read()  # the file inference loads
+
+
+def test_text_encoders_are_pinned_and_cache_keys_name_the_commit(tmp_path, caplog):
+    from common.text.cache import PINNED_REVISIONS, encoder_key, is_commit
+
+    for bundle in discover_bundles():
+        for name in os.listdir(os.path.join(bundle, "configs")):
+            with open(os.path.join(bundle, "configs", name)) as f:
+                config = json.load(f) if name.endswith(".json") else {}
+            if isinstance(config.get("text_revision"), str) or "text_revision" in config:
+                assert is_commit(config["text_revision"]), f"{bundle}/{name}: text_revision not a commit"
+    assert all(is_commit(r) for r in PINNED_REVISIONS.values())
+    commit = PINNED_REVISIONS["bert-base-uncased"]
+    assert encoder_key("bert-base-uncased", commit) == f"bert-base-uncased@{commit}"
+    assert encoder_key(str(tmp_path), None) == f"{tmp_path}@local"
+    with caplog.at_level("WARNING"):
+        assert encoder_key("bert-base-uncased", "main") == "bert-base-uncased@main"
+    assert "not pinned to a commit" in caplog.text
+
+
+@pytest.mark.parametrize("bundle", discover_bundles(), ids=os.path.basename)
+def test_zoo_verify_bundle_min_mode_offline(tmp_path, bundle, monkeypatch):
+    """The model zoo's ``ci/verify_bundle.py -m min``, offline: large files (present ones hash-checked by MONAI's
+    ``download_url``, as the zoo calls it), necessary and preferred files with ``models/model.pt`` from a tiny
+    demo network, metadata against schema 20240725 and the changelog."""
+    import monai.apps.utils
+    from monai.apps.utils import download_url
+
+    from tools.bundle_io import copy_bundle, on_sys_path, parse_bundle
+    from tools.verify import check_metadata
+
+    root = copy_bundle(bundle, str(tmp_path / os.path.basename(bundle)))
+    with on_sys_path(root):  # a demo-size network's weights stand in for a demo training run's model.pt
+        parser = parse_bundle(root, ["inference.json", "demo.json"])
+        weights = parser.get_parsed_content("network_def").state_dict()
+        ckpt_dir = parser.get_parsed_content("ckpt_dir")
+    with open(os.path.join(root, "configs", "inference.json")) as f:
+        loaded = {"model.pt", "image_encoder.pt"} & set(re.findall(r"/(\w+\.pt)'", f.read()))
+    for name in {"model.pt", *loaded}:  # the zoo's preferred file and the one inference loads
+        torch.save(weights, os.path.join(ckpt_dir, name))
+
+    def offline(url, *args, **kwargs):
+        raise ConnectionError(f"offline: {url}")
+
+    monkeypatch.setattr(monai.apps.utils, "_download_with_progress", offline)
+    with open(os.path.join(root, "large_files.yml")) as f:
+        entries = yaml.safe_load(f)["large_files"] or []
+    needs_network = []
+    for entry in entries:  # the zoo's utils.download_large_files, entry by entry
+        try:
+            download_url(entry["url"], os.path.join(root, entry["path"]), entry["hash_val"], entry["hash_type"])
+        except ConnectionError:
+            needs_network.append(entry["path"])
+    assert all(not os.path.exists(os.path.join(root, p)) for p in needs_network)  # only absent files need it
+    for rel in ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json"):
+        assert os.path.isfile(os.path.join(root, rel)), rel
+    check_metadata(root, None)
+
+
+def test_source_file_is_converted_and_reported_unverified(tmp_path, server, artefacts, capsys):
+    files, net = artefacts
+    bundle = _bundle(tmp_path, server, files, {"embedding.pth": _sha(files["embedding.pth"])})
+    local = tmp_path / "my_unetr.pth"
+    local.write_bytes(files["unetr.pth"])
+    dst = fetch_weights(bundle, source=str(local), progress=False)
+    out = capsys.readouterr().out
+    assert f"WARNING {local}: local file, UNVERIFIED; sha256 {_sha(files['unetr.pth'])}" in out
+    assert not (tmp_path / "bundle" / "models" / "official").exists()  # the official download was not needed
+    state = torch.load(dst, weights_only=True)
+    torch.testing.assert_close(state["out.conv.conv.weight"], net.state_dict()["out.conv.conv.weight"])
+
+
+def test_entry_outside_the_bundle_is_refused(tmp_path):
+    (tmp_path / "large_files.yml").write_text(
+        yaml.safe_dump({"official_files": [{"path": "../evil.pt", "url": "https://example.org/x", "hash_val": ""}]})
+    )
+    with pytest.raises(WeightsError, match="outside the bundle folder"):
+        read_large_files(str(tmp_path))

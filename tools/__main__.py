@@ -65,9 +65,9 @@ class Tools:
         """Turn an official raw download into the layout a bundle reads (``tools/preparers/<name>.py``)."""
         _plugin("preparers", name, "main")(*args, **kwargs)
 
-    def benchmark(self, name: str, **kwargs: Any) -> None:
+    def benchmark(self, name: str, *args: Any, **kwargs: Any) -> None:
         """Print train-step and inference figures for one model (``tools/benchmarks/<name>.py``)."""
-        _plugin("benchmarks", name, "main")(**kwargs)
+        _plugin("benchmarks", name, "main")(*args, **kwargs)
 
     def gpucheck(
         self,

@@ -60,6 +60,8 @@ def read_large_files(bundle: str) -> dict[str, Any]:
     for entry in [*(spec.get("large_files") or []), *(spec.get("official_files") or [])]:
         if not entry.get("path") or not entry.get("url"):
             raise WeightsError(f"{path}: entry {entry} needs a path and a url")
+        if os.path.isabs(entry["path"]) or os.path.normpath(entry["path"]).startswith(".."):
+            raise WeightsError(f"{path}: {entry['path']} is outside the bundle folder")
     return {
         "files": [*(spec.get("large_files") or []), *(spec.get("official_files") or [])],
         "convert": spec.get("convert"),
@@ -124,7 +126,8 @@ def _fetch_file(bundle: str, entry: dict[str, Any], progress: bool) -> None:
     if os.path.exists(dst):
         if hash_val and file_hash(dst, hash_type) != hash_val:
             raise WeightsError(f"{dst}: exists but its {hash_type} differs from {hash_val}; move it away and rerun")
-        print(f"{entry['path']}: present{' (hash ok)' if hash_val else ''}")
+        state = "hash ok" if hash_val else f"UNVERIFIED, sha256 {file_hash(dst)}"
+        print(f"{entry['path']}: present ({state})")
         return
     digest = download(entry["url"], dst, hash_val, hash_type, progress)
     if hash_val:

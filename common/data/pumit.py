@@ -74,6 +74,8 @@ def _check_spacing(spacing: Sequence[float], path: str) -> tuple[float, float, f
     return tuple(float(s) for s in spacing)  # type: ignore[return-value]
 
 
+# not LoadImage(PydicomReader): it orders slices by InstanceNumber and steps along z only; this orders along the
+# slice normal and measures the 3D step, so oblique or renumbered series keep their geometry
 def _dicom_files(folder: str) -> list:
     import pydicom
 
@@ -144,6 +146,7 @@ def read_spacing(path: str, spacing: Sequence[float] | None = None) -> tuple[flo
     raise ValueError(f"{path}: unsupported image format; use NIfTI, PNG/JPEG or a DICOM series folder.")
 
 
+# not ScaleIntensityRangePercentiles: its percentiles count the background minimum too (a test shows the gap)
 def _normalise(arr: np.ndarray) -> np.ndarray:
     """Map the 0.5-99.5 percentile range of the values above the minimum to [0, 1]."""
     arr = arr.astype(np.float32)
@@ -358,7 +361,9 @@ class RandScaleDABatchSampler(Sampler[list[tuple[int, dict]]]):
     probability ``scale_z_p`` only when ``s_z <= isotropic_th * s_xy``; then
     ``DA = floor(log2(clip(s_z * scale_z / (s_xy * scale_x), 1, 32)))``. Draws are bucketed by DA and every
     full bucket is one batch of ``(index, {"aniso_d", "scale"})`` items (``PUMITSampledDataset`` reads them).
-    Batches are dealt round-robin to the ``num_replicas`` ranks, as the official sampler does.
+    Batches are dealt round-robin to the ``num_replicas`` ranks and each rank runs ``num_batches`` of them, as
+    the official sampler does (so ``num_batches`` is optimiser steps per rank and epoch, matching the per-step
+    schedule). Each epoch's draws come from ``(seed, epoch)``; ``attach`` sets the epoch from the engine.
     """
 
     def __init__(
@@ -391,8 +396,15 @@ class RandScaleDABatchSampler(Sampler[list[tuple[int, dict]]]):
         self.isotropic_th = isotropic_th
         self.buffer_size = buffer_size
         self.weights = torch.tensor([float(d.get("weight", 1.0)) for d in data], dtype=torch.float64)
-        self.rng = np.random.default_rng(seed)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = seed, 0
+        self.rng = np.random.default_rng([seed, 0])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def attach(self, engine: Engine) -> None:
+        """Call ``set_epoch(engine.state.epoch)`` at the start of every epoch of ``engine`` (resume included)."""
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.set_epoch(e.state.epoch))
 
     def __len__(self) -> int:
         return self.num_batches
@@ -415,9 +427,12 @@ class RandScaleDABatchSampler(Sampler[list[tuple[int, dict]]]):
         return {"aniso_d": aniso_d_from_spacing(spacing, scale), "scale": scale}
 
     def __iter__(self) -> Iterator[list[tuple[int, dict]]]:
+        self.rng = np.random.default_rng([self.seed, self.epoch])  # every rank draws the same stream
+        generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
+        self.epoch += 1
         remaining, next_rank, buckets = self.num_batches, 0, {}
         while remaining > 0:
-            for index in torch.multinomial(self.weights, self.buffer_size, True, generator=self.generator).tolist():
+            for index in torch.multinomial(self.weights, self.buffer_size, True, generator=generator).tolist():
                 trans = self.draw(index)
                 bucket = buckets.setdefault(trans["aniso_d"], [])
                 bucket.append((index, trans))

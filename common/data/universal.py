@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable, Transform
+from monai.transforms import MapTransform, Randomizable, Transform, get_largest_connected_component_mask
 from scipy import ndimage
 
 from ..core.taxonomy import CLASS_NAMES, NUM_CLASSES, PROMPT_NAMES
@@ -40,7 +40,6 @@ __all__ = [
     "UniversalPostProcessd",
     "class_indices",
     "dataset_key",
-    "image_datalist",
     "item_dataset_key",
     "label_transfer",
     "merge_label_map",
@@ -369,30 +368,11 @@ def read_dataset_list(list_file: str | Sequence[str], data_root: str, check_file
     return items
 
 
-def image_datalist(dataset_dir: str, pattern: str = "*.nii.gz") -> list[dict[str, str]]:
-    """``[{"image": path}]`` for the images matching ``pattern`` under ``dataset_dir`` (recursive ``**`` allowed).
-
-    Raises ``FileNotFoundError`` when nothing matches instead of silently running on zero cases.
-    """
-    paths = sorted(str(p) for p in Path(dataset_dir).glob(pattern) if p.is_file())
-    if not paths:
-        raise FileNotFoundError(f"no image matches {pattern!r} under {dataset_dir}.")
-    return [{"image": p} for p in paths]
-
-
 def uniform_sample_weights(items: Sequence[Mapping[str, str]]) -> torch.Tensor:
     """Per-item sampling weights that draw every source dataset equally often (``--uniform_sample``)."""
     keys = [dataset_key(str(it["name"])) if "name" in it else "universal" for it in items]
     counts = Counter(keys)
     return torch.tensor([1.0 / counts[k] for k in keys], dtype=torch.double)
-
-
-def _largest(mask: np.ndarray, k: int = 1) -> np.ndarray:
-    labels, sizes = _components(mask)
-    if len(sizes) <= 1:
-        return np.zeros_like(mask, dtype=bool)
-    keep = np.argsort(sizes[1:])[::-1][:k] + 1
-    return np.isin(labels, keep)
 
 
 _KEEP_LARGEST = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 18, 19, 20, 21, 22, 23, 24, 25}
@@ -413,11 +393,12 @@ def organ_post_process(pred: np.ndarray, classes: Sequence[int] | None = None) -
     for c in sorted(wanted):
         ch = c - 1
         if c in _KEEP_LARGEST or c == 11:
-            out[ch] = _largest(pred[ch])
+            out[ch] = get_largest_connected_component_mask(pred[ch], connectivity=3)
         elif c in (16, 17):
             continue  # both lungs handled together below
         elif c in _TUMOR_HOST:
-            host = _largest(np.any(pred[[h - 1 for h in _TUMOR_HOST[c]]], 0), len(_TUMOR_HOST[c]))
+            host = np.any(pred[[h - 1 for h in _TUMOR_HOST[c]]], 0)
+            host = get_largest_connected_component_mask(host, connectivity=3, num_components=len(_TUMOR_HOST[c]))
             box = np.ones((5, 5, 5), dtype=bool)
             host = ndimage.binary_dilation(ndimage.binary_closing(host, structure=box), structure=box)
             out[ch] = pred[ch] & host

@@ -90,6 +90,7 @@ class CompiledNetwork:
         batch_size: pad (or split) every call to this batch so one compiled shape serves the last,
             smaller sliding-window batch too; ``None`` compiles each batch size that arrives.
         threads: engine threads (default: ``torch.get_num_threads()``).
+        engine_config: extra OpenVINO compile properties (e.g. ``{"PERF_COUNT": True}`` for ``profile``).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class CompiledNetwork:
         cache_dir: str | None = None,
         batch_size: int | None = None,
         threads: int | None = None,
+        engine_config: dict | None = None,
     ) -> None:
         if backend not in BACKENDS[1:]:
             raise EngineError(f"CompiledNetwork runs an engine ({', '.join(BACKENDS[1:])}), not {backend!r}")
@@ -114,6 +116,7 @@ class CompiledNetwork:
         self.cache_dir = os.path.abspath(cache_dir or os.path.join(tempfile.gettempdir(), "monai_bundle_engines"))
         self.batch_size = batch_size
         self.threads = threads or torch.get_num_threads()
+        self.engine_config = dict(engine_config or {})
         self.weights = weights_hash(network)
         self._fingerprint = _weights_fingerprint(network)
         self._sessions: dict[tuple, Any] = {}
@@ -204,6 +207,7 @@ class CompiledNetwork:
             "INFERENCE_PRECISION_HINT": _OPENVINO_HINT[self.precision],
             "INFERENCE_NUM_THREADS": self.threads,
             "PERFORMANCE_HINT": "LATENCY",
+            **self.engine_config,
         }
         compiled = core.compile_model(onnx_path, "CPU", config)
         granted = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
@@ -215,7 +219,20 @@ class CompiledNetwork:
             request.infer(arrays, share_inputs=True)
             return [request.get_output_tensor(i).data.copy() for i in range(len(compiled.outputs))]
 
+        run.request = request
         return run
+
+    def profile(self, top: int = 8) -> list[str]:
+        """OpenVINO's last-call profile (needs ``PERF_COUNT``): time per layer type and kernel, largest first."""
+        totals: dict[tuple[str, str], float] = {}
+        for session in self._sessions.values():
+            request = getattr(session, "request", None)
+            for info in request.get_profiling_info() if request is not None else []:
+                key = (info.node_type, info.exec_type)
+                totals[key] = totals.get(key, 0.0) + info.real_time.total_seconds()
+        overall = sum(totals.values()) or 1.0
+        ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+        return [f"{node} [{kernel}] {t:.3f} s ({100 * t / overall:.0f}%)" for (node, kernel), t in ranked]
 
 
 def _read_manifest(path: str) -> dict | None:
@@ -278,6 +295,7 @@ class BackendInferer(Inferer):
         batch_size: fixed engine batch (the sliding window's ``sw_batch_size``); smaller calls are padded.
         fallback: when the engine is missing or cannot compile the network, log why and run torch
             instead; when ``False`` the ``EngineError`` propagates.
+        engine_config: extra engine compile properties (see ``CompiledNetwork``).
     """
 
     def __init__(
@@ -288,6 +306,7 @@ class BackendInferer(Inferer):
         cache_dir: str | None = None,
         batch_size: int | None = None,
         fallback: bool = True,
+        engine_config: dict | None = None,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -300,6 +319,7 @@ class BackendInferer(Inferer):
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.fallback = fallback
+        self.engine_config = engine_config
         self._torch = AutocastInferer(inferer, dtype=precision, enabled=precision != "float32")
         self._engine: _Guarded | None = None
         self._failed: set[int] = set()
@@ -321,7 +341,9 @@ class BackendInferer(Inferer):
         try:
             if not isinstance(network, torch.nn.Module):
                 raise EngineError(f"{self.backend} compiles a torch.nn.Module, got {type(network).__name__}")
-            engine = CompiledNetwork(network, self.backend, self.precision, self.cache_dir, self.batch_size)
+            engine = CompiledNetwork(
+                network, self.backend, self.precision, self.cache_dir, self.batch_size, engine_config=self.engine_config
+            )
         except EngineError as e:
             return self._fall_back(network, e)
         self._engine = _Guarded(self, engine)

@@ -103,6 +103,7 @@ class ResumeCheckpointLoader:
             setattr(validator.state, name, value)
 
 
+# not monai CheckpointSaver(save_key_metric=True): it writes in place (ignite atomic=False, see the module docstring)
 class BestMetricSaver:
     """Attach to an evaluator: save ``save_dict`` whenever the evaluator's key metric improved.
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from monai.handlers import LrScheduleHandler
 from monai.handlers import ValidationHandler as _MonaiValidationHandler
 
@@ -13,6 +15,7 @@ __all__ = [
     "EpochStartLrScheduleHandler",
     "LastCheckpointSaver",
     "ResumeCheckpointLoader",
+    "TrainingProgressBar",
     "ValidationHandler",
 ]
 
@@ -54,3 +57,15 @@ class ValidationHandler(_MonaiValidationHandler):
         engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=due), self)
         if self.exec_at_start:
             engine.add_event_handler(Events.STARTED, self)
+
+
+class TrainingProgressBar(ProgressBar):
+    """ignite's tqdm ``ProgressBar`` over the whole run: one step per epoch, with elapsed time and ETA.
+
+    MONAI's trainers call ``attach(engine)`` without options, which would count the iterations of one
+    epoch; this counts epochs out of ``max_epochs`` so the remaining time is the run's. Rank 0 only.
+    """
+
+    def attach(self, engine: Engine) -> None:  # type: ignore[override]
+        if idist.get_rank() == 0:
+            super().attach(engine, event_name=Events.EPOCH_COMPLETED, closing_event_name=Events.COMPLETED)

@@ -20,7 +20,7 @@ from monai.inferers import Inferer
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["FlipTTAInferer", "GradientClipHandler", "WarmupCosineStepLR"]
+__all__ = ["CodebookUsageHandler", "FlipTTAInferer", "GradientClipHandler", "WarmupCosineStepLR"]
 
 
 class WarmupCosineStepLR(LambdaLR):
@@ -114,3 +114,47 @@ class FlipTTAInferer(Inferer):
             out = torch.flip(out, dims) if dims else out
             total = out if total is None else total + out
         return total / len(self.flips)
+
+
+class CodebookUsageHandler:
+    """Per-epoch tokenizer health from the training outputs' soft code assignments ``pred["probs"]``.
+
+    Works with batch outputs and with MONAI's decollated (per-sample) outputs.
+
+    Logs and keeps in ``history`` (one dict per epoch): ``used`` (distinct argmax codes over the epoch), and
+    ``perplexity`` = ``exp(H(p_mean))`` of the epoch-averaged code distribution (1 .. number of codes).
+    """
+
+    def __init__(self, pred_key: str = "pred", probs_key: str = "probs") -> None:
+        self.pred_key, self.probs_key = pred_key, probs_key
+        self.history: list[dict[str, float]] = []
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._used: set[int] = set()
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._log)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sum, self._count, self._used = None, 0, set()
+
+    def _update(self, engine: Engine) -> None:
+        output = engine.state.output
+        outputs = output if isinstance(output, list) else [output]  # decollated per sample, or a batch
+        probs = torch.cat([o[self.pred_key][self.probs_key].detach().float().flatten(0, -2) for o in outputs])
+        self._sum = probs.sum(0) if self._sum is None else self._sum + probs.sum(0)
+        self._count += probs.shape[0]
+        self._used.update(probs.argmax(-1).unique().tolist())
+
+    def _log(self, engine: Engine) -> None:
+        p = self._sum / max(self._count, 1)
+        perplexity = float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+        record = {"epoch": engine.state.epoch, "used": len(self._used), "perplexity": perplexity}
+        self.history.append(record)
+        engine.logger.info(
+            f"codebook epoch {record['epoch']}: used {record['used']}/{p.numel()}, perplexity {perplexity:.2f}"
+        )
