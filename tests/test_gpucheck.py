@@ -14,6 +14,7 @@ import pytest
 from tools.gpucheck import failures, main
 
 
+@pytest.mark.slow  # two demo trainings, two validations, inference and exports of a 3D net: minutes on 2 cores
 def test_gpucheck_smoke_reports_every_step(tmp_path):
     out = tmp_path / "gpucheck.json"
     main(smoke=True, bundles="unetr_btcv_segmentation", steps="train,validate,infer,export", out=str(out))
