@@ -5,7 +5,8 @@ voxels at 0.76x0.76x3 mm, int16, like a BTCV scan) are written to ``--data_dir``
 MONAI Label's ``BundleTrainTask`` calls it (``monai.bundle.run`` with ``run_id=""`` and no init/final
 ids, one training and one validation image, ``max_epochs`` 1, CPU) and inference runs ``inference.json``
 on one image. Each phase is its own process; its peak RSS (largest process) and the peak of the summed
-RSS of the process and its DataLoader workers (sampled every 0.2 s) are printed.
+RSS of the process and its DataLoader workers (sampled every 0.2 s; pages shared after ``fork`` count once
+per process, so this sum is an upper bound) are printed.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def main(
             raise SystemExit(f"unknown phase {phase!r}; use train and/or infer")
         rows.append({"bundle": os.path.basename(root), "phase": phase, **result})
     print_table(
-        f"peak memory, {shape} CT phantoms, CPU", rows, ["bundle", "phase", "seconds", "peak_rss_gb", "tree_gb"]
+        f"peak memory, {'x'.join(map(str, size))} CT phantoms, CPU",
+        rows,
+        ["bundle", "phase", "seconds", "peak_rss_gb", "tree_gb"],
     )
     return rows
