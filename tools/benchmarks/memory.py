@@ -5,7 +5,8 @@ voxels at 0.76x0.76x3 mm, int16, like a BTCV scan) are written to ``--data_dir``
 MONAI Label's ``BundleTrainTask`` calls it (``monai.bundle.run`` with ``run_id=""`` and no init/final
 ids, one training and one validation image, ``max_epochs`` 1, CPU) and inference runs ``inference.json``
 on one image. Each phase is its own process; its peak RSS (largest process) and the peak of the summed
-RSS of the process and its DataLoader workers (sampled every 0.2 s) are printed.
+RSS of the process and its DataLoader workers (sampled every 0.2 s; pages shared after ``fork`` count once
+per process, so this sum is an upper bound) are printed.
 """
 
 from __future__ import annotations
@@ -81,20 +82,21 @@ def _measure(root: str, configs: list[str], overrides: dict) -> dict:
 def main(
     bundle: str = "unetr_btcv_segmentation",
     data_dir: str | None = None,
-    phases: str = "train,infer",
-    shape: str = "512,512,100",
+    phases: str | tuple[str, ...] = "train,infer",
+    shape: str | tuple[int, ...] = "512,512,100",
     num_workers: int | None = None,
 ) -> list[dict]:
     root = os.path.join(BUNDLES_DIR, bundle) if not os.path.isdir(bundle) else os.path.abspath(bundle)
-    data_dir = data_dir or os.path.join(tempfile.gettempdir(), f"ct_phantoms_{shape.replace(',', 'x')}")
-    size = tuple(int(s) for s in shape.split(","))
+    size = tuple(int(s) for s in (shape.split(",") if isinstance(shape, str) else shape))  # fire passes a tuple
+    phases = phases.split(",") if isinstance(phases, str) else phases
+    data_dir = data_dir or os.path.join(tempfile.gettempdir(), "ct_phantoms_" + "x".join(map(str, size)))
     write_btcv_demo(data_dir, num_training=1, num_validation=1, num_test=1, shape=size, spacing=(0.76, 0.76, 3.0))
     with open(os.path.join(data_dir, "dataset_0.json")) as f:
         split = json.load(f)
     records = [{k: os.path.join(data_dir, v) for k, v in r.items()} for r in split["training"] + split["validation"]]
     rows = []
     extra = {} if num_workers is None else {"num_workers": num_workers}
-    for phase in [p.strip() for p in phases.split(",") if p.strip()]:
+    for phase in [p.strip() for p in phases if p.strip()]:
         if phase == "train":
             overrides = {"run_id": "", "init_id": None, "final_id": None, "bundle_root": root, "device": "cpu"}
             overrides |= {"train#trainer#max_epochs": 1, "train#dataset#data": records[:1]}
@@ -111,6 +113,8 @@ def main(
             raise SystemExit(f"unknown phase {phase!r}; use train and/or infer")
         rows.append({"bundle": os.path.basename(root), "phase": phase, **result})
     print_table(
-        f"peak memory, {shape} CT phantoms, CPU", rows, ["bundle", "phase", "seconds", "peak_rss_gb", "tree_gb"]
+        f"peak memory, {'x'.join(map(str, size))} CT phantoms, CPU",
+        rows,
+        ["bundle", "phase", "seconds", "peak_rss_gb", "tree_gb"],
     )
     return rows
