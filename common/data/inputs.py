@@ -17,7 +17,7 @@ from monai.config import KeysCollection
 from monai.data import PydicomReader
 from monai.transforms import MapTransform
 
-from common.data.checks import source_name
+from .checks import source_name
 
 __all__ = ["VOLUME_PATTERNS", "IMAGE_PATTERNS", "image_datalist", "is_dicom_series", "DicomSeriesReader"]
 __all__ += ["EnsureSpatialDimsd"]

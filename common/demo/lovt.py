@@ -19,7 +19,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from common.data.mimic_cxr import build_index, index_statistics, pixel_statistics
+from ..data.mimic_cxr import build_index, index_statistics, pixel_statistics
 
 __all__ = ["phantom", "make_pretraining_demo", "make_segmentation_demo", "write_tiny_bert"]
 

@@ -178,13 +178,14 @@ def split_dynamic_params(params: torch.Tensor) -> list[torch.Tensor]:
 
 
 def dynamic_head(features: torch.Tensor, params: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
-    """Apply every class's dynamic 8-8-1 head to every sample, all classes at once.
+    """Apply every class's dynamic 8-8-1 head to every sample: three batched matmuls per chunk of voxels.
 
     Args:
         features: ``[B, 8, *spatial]`` head inputs (``precls_conv`` output).
         params: ``[B, K, 153]`` controller outputs for ``K`` classes.
-        chunk_size: voxels per chunk (0: all at once). The heads are memory-bound: chunking keeps the
-            ``[K*8, chunk]`` intermediates of one sample in cache, which is where their speed comes from.
+        chunk_size: voxels per chunk (0: all at once). The heads are memory-bound: a chunk's
+            ``[B*K*8, chunk]`` intermediates should stay in cache, but each chunk costs five ops, so chunks
+            should also be large: tiny two-thread ops stall whenever a partner thread is pre-empted.
 
     Returns:
         ``[B, K, *spatial]`` logits, equal to the official per-sample grouped-convolution loop.
@@ -193,30 +194,24 @@ def dynamic_head(features: torch.Tensor, params: torch.Tensor, chunk_size: int =
     spatial = features.shape[2:]
     k = params.shape[1]
     w1, w2, w3, b1, b2, b3 = split_dynamic_params(params)
-    w1, b1 = w1.reshape(b, k * c, c), b1.reshape(b, k * c, 1)  # layer 1: one matmul, classes share the input
-    w2, b2 = w2.reshape(b, k, c, c), b2.reshape(b, k, c, 1)  # layers 2-3: one small matmul per class
-    w3, b3 = w3.reshape(b, k, 1, c), b3.reshape(b, k, 1, 1)
+    w1, b1 = w1.reshape(b, k * c, c), b1.reshape(b, k * c, 1)  # layer 1: classes share a sample's input
+    w2, b2 = w2.reshape(b * k, c, c), b2.reshape(b * k, c, 1)  # layers 2-3: one matmul per (sample, class)
+    w3, b3 = w3.reshape(b * k, 1, c), b3.reshape(b * k, 1, 1)
     flat = features.reshape(b, c, -1)
     n = flat.shape[-1]
     step = n if chunk_size <= 0 or torch.jit.is_tracing() or torch.jit.is_scripting() else chunk_size
-    # Without autograd, chunks are written straight into the output (saves two passes over [B, K, N]).
-    out = None if torch.is_grad_enabled() or torch.jit.is_tracing() else features.new_empty(b, k, n)
-    samples = []
-    for i in range(b):
-        outs = []
-        for start in range(0, n, step):
-            x = flat[i, :, start : start + step]
-            h = torch.addmm(b1[i], w1[i], x).relu_().reshape(k, c, -1)
-            h = torch.baddbmm(b2[i], w2[i], h).relu_()
-            y = torch.baddbmm(b3[i], w3[i], h)
-            if out is None:
-                outs.append(y)
-            else:
-                out[i, :, start : start + step] = y[:, 0]
+    # Without autograd, the last matmul writes each chunk straight into the output (no concatenation pass).
+    out = None if torch.is_grad_enabled() or torch.jit.is_tracing() else features.new_empty(b * k, 1, n)
+    chunks = []
+    for start in range(0, n, step):
+        h = torch.baddbmm(b1, w1, flat[..., start : start + step]).relu_()
+        h = torch.baddbmm(b2, w2, h.reshape(b * k, c, -1)).relu_()
         if out is None:
-            samples.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1))
+            chunks.append(torch.baddbmm(b3, w3, h))
+        else:
+            torch.baddbmm(b3, w3, h, out=out[..., start : start + step])
     if out is None:
-        out = torch.stack(samples)
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
     return out.reshape((b, k) + spatial)
 
 
@@ -243,8 +238,11 @@ class UniversalModel(nn.Module):
         backbone: ``"swinunetr"`` (MONAI SwinUNETR) or ``"unet"`` (Models Genesis UNet3D).
         feature_size: SwinUNETR feature size (48 in the paper); ignored by ``unet``.
         encoding: ``"word_embedding"`` (CLIP class embeddings, a buffer) or ``"rand_embedding"`` (ablation).
-        embedding_file: ``[out_channels, 512]`` class-embedding file loaded into ``organ_embedding``. A missing
-            file warns and keeps a seeded random embedding (checkpoints carry the buffer anyway).
+        embedding_file: ``[out_channels, 512]`` class-embedding file loaded into ``organ_embedding``
+            (``txt_encoding.pth``). ``None``: the buffer comes from a checkpoint (inference loads ``model.pt``).
+            A missing file is an error saying how to get it, unless ``allow_random_embedding``.
+        allow_random_embedding: keep a seeded random embedding when ``embedding_file`` is missing (smoke
+            tests and demos only, with a warning); the paper's ablation is ``encoding="rand_embedding"``.
         patch_merging: ``"parity"`` (official sub-grid order, needed for released weights) or ``"fixed"``.
         use_checkpoint: gradient checkpointing in the Swin blocks.
         head_chunk_size: voxels per dynamic-head chunk (0: unchunked).
@@ -259,6 +257,7 @@ class UniversalModel(nn.Module):
         feature_size: int = 48,
         encoding: str = "word_embedding",
         embedding_file: str | None = None,
+        allow_random_embedding: bool = False,
         patch_merging: str = "parity",
         use_checkpoint: bool = False,
         head_chunk_size: int = 512,
@@ -300,16 +299,27 @@ class UniversalModel(nn.Module):
             self.register_buffer("organ_embedding", torch.randn(out_channels, text_dim, generator=gen))
             self.text_to_vision = nn.Linear(text_dim, 256)
             if embedding_file is not None:
-                self.load_embedding(embedding_file)
+                self.load_embedding(embedding_file, allow_random_embedding)
         elif encoding == "rand_embedding":
             self.organ_embedding = nn.Embedding(out_channels, 256)
         else:
             raise ValueError(f"encoding must be 'word_embedding' or 'rand_embedding', got {encoding!r}.")
 
-    def load_embedding(self, path: str | Path) -> None:
-        """Overwrite ``organ_embedding`` from a class-embedding file (official: at train start)."""
+    def load_embedding(self, path: str | Path, allow_random: bool = False) -> None:
+        """Overwrite ``organ_embedding`` from a class-embedding file (official: at train start).
+
+        A missing file raises, naming the two ways to get one; ``allow_random`` keeps the seeded random
+        embedding with a warning instead.
+        """
         if not Path(path).is_file():
-            warnings.warn(f"class-embedding file {path} not found; keeping the seeded random embedding.", stacklevel=2)
+            message = (
+                f"class-embedding file {path} not found. Get the official one (sha256 9de46b0b...) with "
+                "`python -m tools weights clip_driven_universal_ct_segmentation`, or compute it with "
+                "common.text.clip_embed.save_class_embeddings; encoding='rand_embedding' is the paper's ablation."
+            )
+            if not allow_random:
+                raise FileNotFoundError(message)
+            warnings.warn(f"{message} Using a seeded RANDOM embedding (allow_random_embedding=True).", stacklevel=2)
             return
         emb = load_class_embedding(path, self.class_num)
         if emb.shape != self.organ_embedding.shape:
