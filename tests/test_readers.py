@@ -164,3 +164,14 @@ def test_corrupt_image_in_a_dataloader_worker_names_the_file(tmp_path):
     assert len(dataset) == 2
     with pytest.raises(RuntimeError, match=r"truncated\.png: cannot read the image \(OSError: image file is truncated"):
         list(DataLoader(dataset, batch_size=1, num_workers=1))
+
+
+def test_lvit_labelled_subset_is_deterministic_and_logged(tmp_path, caplog):
+    from common.engines.lvit_semi import labelled_subset
+
+    datalist = [{"name": f"mask_{i}.png"} for i in range(8)]
+    with caplog.at_level(logging.INFO):
+        first = labelled_subset(datalist, 0.25, path=str(tmp_path / "labelled_25.txt"))
+    assert first == labelled_subset(list(reversed(datalist)), 0.25) and len(first) == 2
+    assert (tmp_path / "labelled_25.txt").read_text().split() == first
+    assert "labelled subset: 2 of 8 training masks, seed 666" in caplog.text

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,8 @@ from torch import nn
 
 from ..data.lvit_templates import DEFAULT_TEMPLATE_TEXTS, parse_zones, zone_mask
 from ..losses.lvit import LViTDiceBCE, lv_loss
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["EPIBank", "LVTemplates", "LViTSemiIteration", "count_unlabelled", "labelled_subset", "semi_datalist"]
 
@@ -182,6 +185,9 @@ def labelled_subset(datalist: Sequence[dict], fraction: float, seed: int = 666, 
     names = sorted(d["name"] for d in datalist)
     perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
     chosen = sorted(names[i] for i in perm[: max(1, round(fraction * len(names)))])
+    logger.info(
+        f"labelled subset: {len(chosen)} of {len(names)} training masks, seed {seed} -> {path or '(not saved)'}"
+    )
     if path is not None:
         with open(path, "w") as f:
             f.write("\n".join(chosen) + "\n")
