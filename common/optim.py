@@ -8,6 +8,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 
+# not monai WarmupCosineSchedule: its warm-up divides by W (ours by W - 1, as the reference) and it clamps at
+# end_lr instead of decaying to eta_min (tests/test_library_equivalence.py shows both)
 class LinearWarmupCosineAnnealingLR(LRScheduler):
     """Linear warm-up then cosine decay to ``eta_min``, stepped once per epoch.
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import glob
 import json
 import os
 
+import nibabel as nib
+import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow
+from PIL import Image
 
 import common
 from tests.conftest import BUNDLE_IDS, BUNDLES, demo_dataset
@@ -35,6 +40,36 @@ def _run(workflow: ConfigWorkflow) -> None:
     workflow.finalize()
 
 
+def _channel_names(bundle_root: str) -> dict[int, str] | None:
+    pred = load_metadata(bundle_root)["network_data_format"]["outputs"]["pred"]
+    return {int(k): v for k, v in pred["channel_def"].items()} if pred["format"] == "segmentation" else None
+
+
+def _assert_outputs_named(bundle_root: str) -> None:
+    """Every label value the inference writes has a ``channel_def`` name (PNG masks are written scaled by 255)."""
+    names = _channel_names(bundle_root)
+    if names is None:
+        return
+    files = glob.glob(os.path.join(bundle_root, "eval", "**", "*_seg.*"), recursive=True)
+    assert files, "inference wrote no *_seg.* label file"
+    for path in files:
+        data = np.asarray(Image.open(path)) // 255 if path.endswith(".png") else np.asarray(nib.load(path).dataobj)
+        values = {int(v) for v in np.unique(data)}
+        assert values <= names.keys(), f"{path}: label values {sorted(values)} without a channel_def name {names}"
+
+
+def _assert_csv_columns_named(bundle_root: str) -> None:
+    """Per-class CSV columns carry the ``channel_def`` names (not ``class0..classN``)."""
+    names = _channel_names(bundle_root)
+    raw = glob.glob(os.path.join(bundle_root, "eval", "*_raw.csv"))
+    if names is None or not raw:
+        return
+    for path in raw:
+        with open(path) as f:
+            header = next(csv.reader(f))
+        assert header == ["filename", *[names[k] for k in sorted(names) if k > 0], "mean"], f"{path}: {header}"
+
+
 def test_layout_and_metadata(bundle):
     check_name(bundle)
     check_files(bundle)
@@ -61,7 +96,9 @@ def test_train_evaluate_infer_on_demo_data(bundle, bundle_copy, demo_data_dirs, 
             _run(_workflow(root, ["train.json", "demo.json"], "train", **overrides))
             assert os.path.isfile(os.path.join(root, "models", "model.pt")), "training must write models/model.pt"
             _run(_workflow(root, ["train.json", "evaluate.json", "demo.json"], "train", dataset_dir=dataset_dir))
+            _assert_csv_columns_named(root)
         _run(_workflow(root, ["inference.json", "demo.json"], "infer", dataset_dir=dataset_dir))
+        _assert_outputs_named(root)
 
 
 @pytest.mark.slow

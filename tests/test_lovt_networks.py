@@ -94,6 +94,30 @@ def test_attention_pool_ignores_padding():
     torch.testing.assert_close(pool(x2, torch.tensor([[True, True, False]]))[0], pooled)
 
 
+def test_attention_pool_official_query_counts_padding_slots():
+    """Unequal sentence counts in one batch: the official query divides by all slots, ``valid`` by the sentences."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # zero-filled padding slots, as sentence_max_pool writes them
+    official = AttentionPool(8, num_heads=2).eval()
+    valid = AttentionPool(8, num_heads=2, query_mean="valid").eval()
+    valid.load_state_dict(official.state_dict())
+    pooled, weights = official(x, mask)
+    # reference: zero-filled mean over all slots (official GlobalAvgAttentionAggregator) queries the elements
+    query = x.masked_fill(~mask.unsqueeze(-1), 0.0).mean(dim=1, keepdim=True)
+    expected, _ = official.attention(query, x, x, key_padding_mask=~mask)
+    torch.testing.assert_close(pooled, expected.squeeze(1))
+    assert weights[0, 2] == 0
+    # the two-sentence report alone in its batch: same under "valid", different under "official"
+    alone = x[:1, :2]
+    torch.testing.assert_close(valid(x, mask)[0][0], valid(alone, mask[:1, :2])[0][0])
+    assert not torch.allclose(pooled[0], official(alone, mask[:1, :2])[0][0])
+    torch.testing.assert_close(pooled[1], valid(x, mask)[0][1])  # full report: both agree
+    with pytest.raises(ValueError, match="query_mean"):
+        AttentionPool(8, query_mean="masked")
+
+
 def test_cross_attention_masks_padded_sentences():
     attention = CrossAttention(16).eval()
     regions, sentences = torch.randn(1, 4, 16), torch.randn(1, 3, 16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
@@ -90,7 +91,9 @@ def test_train_semi_config_runs_logs_and_checkpoints_the_bank(tmp_path):
     configs = config_paths(root, ["train.json", "train_semi.json", "demo.json"])
     with on_sys_path(root):
         first = ConfigWorkflow(config_file=configs, workflow_type="train", bundle_root=root, **overrides)
-        first.initialize()
+        with pytest.raises(RuntimeError) as info:  # never a silent random start
+            first.initialize()
+        assert "no stage-A checkpoint" in str(info.value.__cause__)
         initial = first.parser.get_parsed_content("network").state_dict()
         stage_a = {k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in initial.items()}
         os.makedirs(os.path.join(root, "models"), exist_ok=True)

@@ -46,6 +46,17 @@ def test_fixed_length_and_zero_padding(tmp_path):
     assert short.shape == (1, 10, 32) and short[0, 9].abs().sum() == 0 and short[0, 8].abs().sum() > 0
 
 
+def test_padding_is_logged_once_with_a_count(tmp_path, caplog):
+    e = _embedder(tmp_path, cache=False)
+    e.batch_size = 2  # the count covers every batch of one fill, not one line per batch or per text
+    short = ["left lung left lung left lung left lung left", "lung left lung left lung left lung left lung"]
+    long = "Bilateral pulmonary infection, two infected areas, all left lung and all right lung."
+    with caplog.at_level("INFO", logger="common.text.lvit_embed"):
+        e.prepare([{"text": t} for t in [*short, long]])
+    padded = [r.getMessage() for r in caplog.records if "zero-padded" in r.getMessage()]
+    assert len(padded) == 1 and padded[0].startswith("2 of 3 newly embedded texts have fewer than 10 words"), padded
+
+
 def test_second_epoch_calls_encoder_zero_times(tmp_path):
     e = _embedder(tmp_path)
     texts = ["Unilateral pulmonary infection, one infected area, upper left lung."] * 3 + [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,7 +12,16 @@ import pytest
 
 from tools.bundle_io import BUNDLES_DIR, copy_bundle
 from tools.package import package_bundle
-from tools.verify import VerificationError, check_files, check_large_files, check_metadata, check_name, resolve_schema
+from tools.verify import (
+    PINNED_SCHEMA,
+    SCHEMA_SHA256,
+    VerificationError,
+    check_files,
+    check_large_files,
+    check_metadata,
+    check_name,
+    resolve_schema,
+)
 
 BUNDLE = os.path.join(BUNDLES_DIR, "unetr_btcv_segmentation")
 
@@ -70,6 +80,21 @@ def test_schema_with_wrong_hash_is_refused(tmp_path):
         resolve_schema(str(fake), str(scratch))
 
 
+def test_metadata_check_is_offline(broken, monkeypatch):
+    """A plain clone (no sibling ``shared/`` folder, no network) checks metadata against the pinned schema."""
+    with open(PINNED_SCHEMA, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == SCHEMA_SHA256
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tools verify must not download anything")
+
+    monkeypatch.delenv("MONAI_BUNDLE_SCHEMA", raising=False)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    monkeypatch.setattr("urllib.request.urlretrieve", no_network)
+    monkeypatch.setattr("monai.apps.utils.download_url", no_network)
+    assert check_metadata(str(broken), schema=None)["name"]
+
+
 def test_empty_large_file_hash_is_rejected(broken):
     with open(os.path.join(broken, "large_files.yml"), "w") as f:
         f.write("large_files:\n- path: models/model.pt\n  url: https://example.org/model.pt\n  hash_val: ''\n")
@@ -102,3 +127,13 @@ def test_cli_names_available_converters_for_unknown_name():
     )
     assert result.returncode != 0
     assert "unknown converter 'nope'" in result.stderr and "unetr" in result.stderr
+
+
+def test_cli_help_lists_the_commands():
+    result = subprocess.run([sys.executable, "-m", "tools", "--help"], capture_output=True, text=True, cwd=BUNDLES_DIR)
+    assert result.returncode == 0
+    for command in ("verify", "package", "fetch", "weights", "demo", "convert", "prepare", "benchmark"):
+        # fire writes help to stderr when stdout is not a terminal
+        assert f"\n     {command}\n" in result.stdout + result.stderr, (
+            f"'python -m tools --help' does not list {command}"
+        )

@@ -139,8 +139,10 @@ def test_embedding_file_is_loaded_into_buffer(tmp_path):
     torch.save(torch.randn(31, 512), tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="bad.pth"):
         net.load_embedding(tmp_path / "bad.pth")
-    with pytest.warns(UserWarning, match="missing.pth"):
+    with pytest.raises(FileNotFoundError, match="missing.pth not found.*tools weights.*clip_embed"):
         UniversalModel(feature_size=12, embedding_file=str(tmp_path / "missing.pth"))
+    with pytest.warns(UserWarning, match="RANDOM embedding"):
+        UniversalModel(feature_size=12, embedding_file=str(tmp_path / "missing.pth"), allow_random_embedding=True)
 
 
 def test_rand_embedding_ablation():

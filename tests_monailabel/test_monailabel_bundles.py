@@ -7,6 +7,8 @@ its demo overlay merged into ``train.json``/``inference.json`` (the small networ
 ``BundleTrainTask`` trains one epoch from a ``LocalDatastore`` with the overrides MONAI Label applies
 (``train#dataset#data``, ``train#trainer#max_epochs``, ``device``, a prepended ``CheckpointLoader``);
 ``BundleInferTask`` then labels a demo image, and the label must come back in the input's geometry.
+Training counts its trainer runs (MONAI Label's ``run_id: ""`` resolves every top-level entry: exactly
+one). A second test infers at the real network size: only the demo overlay's data keys are merged.
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ from tools.bundle_io import copy_bundle, load_metadata, on_sys_path
 
 LABEL_APPS = [b for b in BUNDLES if "monailabel" in load_metadata(b).get("supported_apps", {})]
 pytestmark = pytest.mark.parametrize("bundle", LABEL_APPS, ids=[os.path.basename(b) for b in LABEL_APPS])
+# demo-overlay keys that only point at the demo data (or its offline text encoder), not at network size
+DATA_KEYS = (
+    "dataset_dir",
+    "demo_data",
+    "data_root",
+    "word_embedder",
+    "image_glob",
+    "pretrained_encoder",
+    "num_workers",
+)
 PROMPTS = ("Bilateral pulmonary infection, two infected areas.", "Unilateral pulmonary infection, one infected area.")
 
 
@@ -38,20 +50,40 @@ def _ext(path: str) -> str:
     return ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
 
 
-def _merge_demo(root: str, config: str, dataset_dir: str) -> None:
-    """Write ``[config, demo.json]`` merged as ``config``: the app folder holds one config per task."""
+def _merge_demo(root: str, config: str, dataset_dir: str, real_size: bool = False, append: dict | None = None) -> None:
+    """Write ``[config, demo.json]`` merged as ``config``: the app folder holds one config per task.
+
+    ``real_size`` keeps only the demo overlay's ``DATA_KEYS`` (the network and its input size stay real);
+    ``append`` extends top-level lists.
+    """
     paths = [os.path.join(root, "configs", n) for n in (config, "demo.json")]
-    merged = ConfigParser.load_config_files(paths)
+    if real_size:
+        merged = ConfigParser.load_config_files(paths[0])
+        demo = ConfigParser.load_config_files(paths[1])
+        merged.update({k: v for k, v in demo.items() if k in DATA_KEYS})
+    else:
+        merged = ConfigParser.load_config_files(paths)
     merged["dataset_dir"] = dataset_dir
+    for key, value in (append or {}).items():
+        merged[key] = merged.get(key, []) + value
     with open(paths[0], "w") as f:
         json.dump(merged, f, indent=4)
 
 
-def _app_bundle(bundle: str, dataset_dir: str, app_dir: str) -> str:
+def _count_trainer_runs(path: str) -> dict:
+    """Additions to ``train.json`` that append a line to ``path`` each time the trainer starts a run."""
+    started = f"lambda engine: open({path!r}, 'a').write('started\\n')"
+    return {
+        "imports": ["$import ignite"],
+        "initialize": [f"$@train#trainer.add_event_handler(ignite.engine.Events.STARTED, {started})"],
+    }
+
+
+def _app_bundle(bundle: str, dataset_dir: str, app_dir: str, real_size: bool = False, runs_file: str = "") -> str:
     root = copy_bundle(bundle, os.path.join(app_dir, "model", os.path.basename(bundle)))
-    for config in ("train.json", "inference.json"):
-        if os.path.exists(os.path.join(root, "configs", config)):
-            _merge_demo(root, config, dataset_dir)
+    if os.path.exists(os.path.join(root, "configs", "train.json")):
+        _merge_demo(root, "train.json", dataset_dir, append=_count_trainer_runs(runs_file) if runs_file else None)
+    _merge_demo(root, "inference.json", dataset_dir, real_size=real_size)
     return root
 
 
@@ -96,27 +128,10 @@ def _assert_same_geometry(label_path: str, image_path: str) -> None:
         assert Image.open(label_path).size == Image.open(image_path).size
 
 
-def test_train_then_infer_in_monailabel(bundle, demo_data_dirs, tmp_path, tmp_path_factory):
-    data = demo_dataset(bundle, demo_data_dirs, tmp_path_factory)
-    root = _app_bundle(bundle, data, str(tmp_path / "app"))
-    records = _demo_records(root)
-    tasks = load_metadata(root).get("monailabel_tasks", ["infer", "train"])
-
-    initial = _initial_checkpoint(root)
-    if "train" in tasks:
-        trainer = BundleTrainTask(root, {})
-        assert trainer.is_valid()
-        request = {"model": os.path.basename(root), "max_epochs": 1, "device": "cpu", "val_split": 0.5}
-        request.update(multi_gpu=False, pretrained=True, run_id="")  # run_id "" is what MONAI Label's clients send
-        trainer(request, _datastore(records, str(tmp_path / "datastore")))
-        trained = torch.load(os.path.join(root, "models", "model.pt"), map_location="cpu", weights_only=True)
-        trained = trained.get("model", trained)
-        assert trained.keys() == initial.keys(), "model.pt keys must equal network_def's (loaded non-strictly)"
-        assert any(not torch.equal(trained[k], initial[k]) for k in initial), "one epoch must change the weights"
-
+def _infer(root: str, image: str) -> None:
+    """``BundleInferTask`` labels ``image`` (once per prompt for text-prompted bundles) in its geometry."""
     task = BundleInferTask(root, {})
     assert task.is_valid()
-    image = records[0]["image"]
     prompts = PROMPTS if "text" in getattr(task, "displayable_configs", {}) else (None,)
     outputs = []
     for prompt in prompts:
@@ -136,3 +151,34 @@ def test_train_then_infer_in_monailabel(bundle, demo_data_dirs, tmp_path, tmp_pa
         outputs.append(seen["pred"])
     if len(outputs) == 2:
         assert not torch.allclose(outputs[0], outputs[1]), "the text prompt must reach the network"
+
+
+def test_train_then_infer_in_monailabel(bundle, demo_data_dirs, tmp_path, tmp_path_factory):
+    data = demo_dataset(bundle, demo_data_dirs, tmp_path_factory)
+    runs_file = str(tmp_path / "trainer_runs.txt")
+    root = _app_bundle(bundle, data, str(tmp_path / "app"), runs_file=runs_file)
+    records = _demo_records(root)
+    tasks = load_metadata(root).get("monailabel_tasks", ["infer", "train"])
+
+    initial = _initial_checkpoint(root)
+    if "train" in tasks:
+        trainer = BundleTrainTask(root, {})
+        assert trainer.is_valid()
+        request = {"model": os.path.basename(root), "max_epochs": 1, "device": "cpu", "val_split": 0.5}
+        request.update(multi_gpu=False, pretrained=True, run_id="")  # run_id "" is what MONAI Label's clients send
+        trainer(request, _datastore(records, str(tmp_path / "datastore")))
+        with open(runs_file) as f:
+            assert f.read().count("started") == 1, "MONAI Label's request must run the trainer exactly once"
+        trained = torch.load(os.path.join(root, "models", "model.pt"), map_location="cpu", weights_only=True)
+        trained = trained.get("model", trained)
+        assert trained.keys() == initial.keys(), "model.pt keys must equal network_def's (loaded non-strictly)"
+        assert any(not torch.equal(trained[k], initial[k]) for k in initial), "one epoch must change the weights"
+    _infer(root, records[0]["image"])
+
+
+def test_infer_at_real_network_size(bundle, demo_data_dirs, tmp_path, tmp_path_factory):
+    """The served network at its real size (random weights) labels a demo image through MONAI Label."""
+    data = demo_dataset(bundle, demo_data_dirs, tmp_path_factory)
+    root = _app_bundle(bundle, data, str(tmp_path / "app"), real_size=True)
+    _initial_checkpoint(root)
+    _infer(root, _demo_records(root)[0]["image"])

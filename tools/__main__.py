@@ -1,4 +1,4 @@
-"""``python -m tools verify|package|fetch|demo|convert|prepare|benchmark``: the collection's command-line interface."""
+"""``python -m tools verify|package|fetch|weights|demo|convert|prepare|benchmark|gpucheck``: the CLI."""
 
 from __future__ import annotations
 
@@ -45,6 +45,12 @@ class Tools:
 
         return fetch_bundle(name, index, bundle_dir=bundle_dir, version=version)
 
+    def weights(self, bundle: str, source: str = "official", progress: bool = True) -> None:
+        """Download (resumable, hash-checked), convert and strictly load a bundle's released weights."""
+        from tools.weights import fetch_weights
+
+        fetch_weights(bundle, source=source, progress=progress)
+
     def demo(self, bundle: str, epochs: int | None = None, steps: str = "train,evaluate,infer,export") -> None:
         """Generate the bundle's demo data, then train, evaluate, infer and export through ``monai.bundle``."""
         from tools.demo import run_demo
@@ -63,14 +69,31 @@ class Tools:
         """Print train-step and inference figures for one model (``tools/benchmarks/<name>.py``)."""
         _plugin("benchmarks", name, "main")(*args, **kwargs)
 
+    def gpucheck(
+        self,
+        smoke: bool = False,
+        bundles: str | None = None,
+        steps: str = "train,validate,infer,export,torchrun,tensorrt",
+        iterations: int | None = None,
+        out: str = "gpucheck.json",
+    ) -> None:
+        """Every bundle's train/validate/infer/export/torchrun on CUDA with AMP, timed (``--smoke``: CPU, tiny)."""
+        from tools.gpucheck import main as gpucheck_main
+
+        gpucheck_main(smoke=smoke, bundles=bundles, steps=steps, iterations=iterations, out=out)
+
 
 def main() -> None:
+    from common.weights.io import CheckpointError
     from tools.verify import VerificationError
+    from tools.weights import WeightsError
 
     try:
-        fire.Fire(Tools, name="tools")
+        fire.Fire(Tools(), name="tools")  # an instance: --help then lists the commands
     except VerificationError as e:
         raise SystemExit(f"verification failed: {e}") from None
+    except (CheckpointError, FileNotFoundError, WeightsError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Release zips: ``<name>_v<version>.zip`` with one top-level folder and ``common`` vendored inside.
+"""Release zips: ``<name>_v<version>.zip`` with one top-level folder and the part of ``common`` it uses inside.
+
+Only the modules a bundle's configs reach are vendored: the import closure (``modulefinder``) of every
+``common`` path named by a ``_target_`` or a ``$`` expression in ``configs/``.
 
 Files under ``models/`` that exist locally (trained weights) go into the zip and into its
 ``large_files.yml`` with their sha256, so a user of the zip can check them with
@@ -10,11 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Iterator
+from modulefinder import ModuleFinder
 
 import yaml
 from monai.apps.utils import download_url, extractall
@@ -22,7 +28,9 @@ from monai.apps.utils import download_url, extractall
 import common
 from tools.bundle_io import REPO_ROOT, copy_bundle, discover_bundles, load_metadata
 
-COMMON_DIR = os.path.dirname(os.path.abspath(common.__file__))
+COMMON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(common.__file__)))  # the folder holding ``common``
+COMMON_PATH = re.compile(r"\bcommon(?:\.\w+)+")
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 DEFAULT_URL_TEMPLATE = "https://github.com/OWNER/REPO/releases/download/{name}_v{version}/{file}"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".ts")
 
@@ -33,6 +41,63 @@ def sha256_of(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _config_strings(node: object, key: str = "") -> Iterator[str]:
+    """``_target_`` values and ``$`` expressions anywhere in a parsed config."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _config_strings(v, str(k))
+    elif isinstance(node, list):
+        for v in node:
+            yield from _config_strings(v)
+    elif isinstance(node, str) and (key == "_target_" or node.startswith("$")):
+        yield node
+
+
+def _module_of(dotted: str, root: str) -> str:
+    """The longest prefix of ``dotted`` that is a module or package under ``root`` (at least ``common``)."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 1, -1):
+        base = os.path.join(root, *parts[:end])
+        if os.path.isfile(base + ".py") or os.path.isfile(os.path.join(base, "__init__.py")):
+            return ".".join(parts[:end])
+    return parts[0]
+
+
+def config_references(bundle: str) -> dict[str, set[str]]:
+    """Dotted ``common`` paths each config file of ``bundle`` names in ``_target_`` values or ``$`` expressions."""
+    folder = os.path.join(bundle, "configs")
+    references = {}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(CONFIG_SUFFIXES):
+            continue
+        path = os.path.join(folder, name)
+        with open(path) as f:
+            config = json.load(f) if name.endswith(".json") else yaml.safe_load(f)
+        references[path] = {d for text in _config_strings(config) for d in COMMON_PATH.findall(text)}
+    return references
+
+
+def vendored_files(bundle: str, root: str = COMMON_ROOT) -> list[str]:
+    """Files of ``common`` (relative to ``root``) in the import closure of the modules ``bundle``'s configs name.
+
+    A name its module does not define raises ``ValueError`` naming the config file.
+    """
+    finder = ModuleFinder(path=[root])  # only our tree: third-party imports are recorded, not followed
+    for path, dotted_names in config_references(bundle).items():
+        for dotted in sorted(dotted_names):
+            module = _module_of(dotted, root)
+            finder.import_hook(module)
+            attribute = dotted[len(module) + 1 :].split(".")[0]
+            if attribute and attribute not in finder.modules[module].globalnames:
+                raise ValueError(f"{path}: {dotted!r} names nothing in {module}")
+    files = {
+        os.path.relpath(m.__file__, root)
+        for n, m in finder.modules.items()
+        if (n == "common" or n.startswith("common.")) and m.__file__
+    }
+    return sorted(files)
 
 
 def _release_weights(bundle: str) -> list[str]:
@@ -49,7 +114,8 @@ def _release_weights(bundle: str) -> list[str]:
 def _write_large_files(staged: str, weights: list[str], name: str, version: str, url_template: str) -> None:
     path = os.path.join(staged, "large_files.yml")
     with open(path) as f:
-        entries = (yaml.safe_load(f) or {}).get("large_files", [])
+        spec = yaml.safe_load(f) or {}  # official_files / convert (tools weights) are kept as they are
+    entries = spec.get("large_files") or []
     listed = {e["path"] for e in entries}
     for rel in weights:
         file_hash = sha256_of(os.path.join(staged, rel))
@@ -64,7 +130,7 @@ def _write_large_files(staged: str, weights: list[str], name: str, version: str,
         else:
             entries.append({"path": rel, "url": url, "hash_val": file_hash, "hash_type": "sha256"})
     with open(path, "w") as f:
-        yaml.safe_dump({"large_files": entries}, f, sort_keys=False)
+        yaml.safe_dump({**spec, "large_files": entries}, f, sort_keys=False)
 
 
 def package_bundle(bundle: str, out_dir: str = "dist", url_template: str | None = None) -> str:
@@ -82,7 +148,9 @@ def package_bundle(bundle: str, out_dir: str = "dist", url_template: str | None 
         for rel in weights:
             shutil.copy2(os.path.join(bundle, rel), os.path.join(staged, rel))
         _write_large_files(staged, weights, name, version, url_template or DEFAULT_URL_TEMPLATE)
-        shutil.copytree(COMMON_DIR, os.path.join(staged, "common"), ignore=shutil.ignore_patterns("__pycache__"))
+        for rel in vendored_files(bundle):
+            os.makedirs(os.path.dirname(os.path.join(staged, rel)), exist_ok=True)
+            shutil.copy2(os.path.join(COMMON_ROOT, rel), os.path.join(staged, rel))
         with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for folder, _, files in os.walk(staged):
                 for file in sorted(files):

@@ -24,16 +24,19 @@ import numpy as np
 import torch
 import yaml
 from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
-from monai.bundle.scripts import _get_fake_spatial_shape  # the shape patterns ("32*n") verify_net_in_out reads
 
 import common
-from tools.bundle_io import REPO_ROOT, copy_bundle, load_metadata, on_sys_path, parse_bundle
+from tools.bundle_io import copy_bundle, load_metadata, on_sys_path, parse_bundle
 
 logger = logging.getLogger("tools.verify")
 
+# a metadata spatial_shape item: an int, "*" or arithmetic in n and p ("32*n+32", "8*n", "2**p")
+SHAPE_PATTERN = re.compile(r"[0-9np+\-*() ]+")
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 SCHEMA_ENV = "MONAI_BUNDLE_SCHEMA"
-SHARED_SCHEMA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "monai", "meta_schema_20240725.json")
+SCHEMA_SHA256 = "d95c74c2915faef04ff6a2d6bd865da922bc8cd5afb4a0719b2dc6e1220528e7"
+# MONAI's schema, pinned in the repo (source URL and hashes in tools/schemas/README.md): verify works offline
+PINNED_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas", "meta_schema_20240725.json")
 REQUIRED_FILES = (
     "LICENSE",
     "configs/metadata.json",
@@ -87,15 +90,9 @@ def check_name(bundle: str) -> None:
 
 
 def resolve_schema(schema: str | None, scratch: str) -> str:
-    """Copy the schema (option, $MONAI_BUNDLE_SCHEMA, the shared copy, or a URL) into ``scratch``.
-
-    When no local copy is found the returned path does not exist yet, and ``verify_metadata`` downloads
-    the URL named in ``metadata.json``, checked against the same md5.
-    """
+    """Copy the schema (option, $MONAI_BUNDLE_SCHEMA or the pinned copy; a path or a URL) into ``scratch``."""
     target = os.path.join(scratch, "schema.json")
-    source = schema or os.environ.get(SCHEMA_ENV) or (SHARED_SCHEMA if os.path.exists(SHARED_SCHEMA) else None)
-    if source is None:
-        return target
+    source = schema or os.environ.get(SCHEMA_ENV) or PINNED_SCHEMA
     if re.match(r"^https?://", source):
         urllib.request.urlretrieve(source, target)
     else:
@@ -136,10 +133,23 @@ def check_large_files(bundle: str) -> None:
             _fail(bundle, f"{path}: {entry['path']} uses {entry['hash_type']}; use sha256")
 
 
+def fake_spatial_shape(pattern: list[int | str]) -> list[int]:
+    """The shape ``verify_net_in_out`` tests for a metadata ``spatial_shape`` (``n = p = 1``, ``"*"`` is 1)."""
+    shape = []
+    for item in pattern:
+        if isinstance(item, int) or item == "*":
+            shape.append(1 if item == "*" else item)
+        elif isinstance(item, str) and SHAPE_PATTERN.fullmatch(item):
+            shape.append(int(eval(item, {"__builtins__": {}}, {"n": 1, "p": 1})))  # digits, n, p and + - * only
+        else:
+            raise VerificationError(f"spatial_shape item {item!r} is not an int, '*' or arithmetic in n and p")
+    return shape
+
+
 def _example_inputs(meta: dict, device: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Random inputs of the metadata's shape; patterns such as ``"32*n"`` resolve as in ``verify_net_in_out`` (n=1)."""
+    """Random inputs of the metadata's shape (patterns such as ``"32*n"`` at n = 1)."""
     image = meta["network_data_format"]["inputs"]["image"]
-    shape = [1, image["num_channels"], *_get_fake_spatial_shape(image["spatial_shape"])]
+    shape = [1, image["num_channels"], *fake_spatial_shape(image["spatial_shape"])]
     extra = {k: torch.rand(*v, device=device) for k, v in meta.get("verify", {}).get("extra_inputs", {}).items()}
     return torch.rand(*shape, device=device), extra
 

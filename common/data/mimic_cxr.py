@@ -141,22 +141,22 @@ def _read_csv_gz(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _report_reader(reports: Path) -> Callable[[str, str], str | None]:
-    """Return ``read(subject_id, study_id)`` over the reports zip or an extracted ``files/`` folder."""
+def _report_reader(reports: Path) -> Callable[[str, str], tuple[str, str] | None]:
+    """Return ``read(subject_id, study_id) -> (where, text)`` over the reports zip or an extracted ``files/`` folder."""
     if reports.is_file():
         archive = zipfile.ZipFile(reports)
         names = {n.rsplit("/", 2)[-2] + "/" + n.rsplit("/", 1)[-1]: n for n in archive.namelist() if n.endswith(".txt")}
 
-        def read(subject: str, study: str) -> str | None:
+        def read(subject: str, study: str) -> tuple[str, str] | None:
             name = names.get(f"p{subject}/s{study}.txt")
-            return archive.read(name).decode("utf-8", errors="replace") if name else None
+            return (f"{reports}:{name}", archive.read(name).decode("utf-8", errors="replace")) if name else None
 
         return read
     if reports.is_dir():
 
-        def read_dir(subject: str, study: str) -> str | None:
+        def read_dir(subject: str, study: str) -> tuple[str, str] | None:
             hits = list(reports.glob(f"**/p{subject[:2]}/p{subject}/s{study}.txt"))
-            return hits[0].read_text(errors="replace") if hits else None
+            return (str(hits[0]), hits[0].read_text(errors="replace")) if hits else None
 
         return read_dir
     raise FileNotFoundError(f"MIMIC-CXR reports not found (zip or folder expected): {reports}")
@@ -171,11 +171,14 @@ def build_index(jpg_dir: str, reports: str, output: str, min_tokens: int = 3, ch
         output: the ``.jsonl`` file to write (one record per study, sorted by subject_id, study_id).
         min_tokens: studies whose findings + impression have fewer whitespace tokens are dropped.
         check_images: skip images missing on disk (reported with a count).
+
+    Images absent from the split CSV are excluded (counted in the log), never assigned to a split; an empty report
+    file is an error naming it.
     """
     root = Path(jpg_dir)
     split = {r["dicom_id"]: r["split"] for r in _read_csv_gz(root / "mimic-cxr-2.0.0-split.csv.gz")}
     studies: dict[tuple[int, int], dict[str, Any]] = {}
-    missing_images = 0
+    missing_images = not_in_split = 0
     for row in _read_csv_gz(root / "mimic-cxr-2.0.0-metadata.csv.gz"):
         if row.get("ViewPosition") not in ("PA", "AP"):
             continue
@@ -184,21 +187,28 @@ def build_index(jpg_dir: str, reports: str, output: str, min_tokens: int = 3, ch
         if check_images and not (root / rel).is_file():
             missing_images += 1
             continue
+        if dicom not in split:
+            not_in_split += 1  # never guessed: an unlisted image could be a test image
+            continue
         record = studies.setdefault(
             (int(subject), int(study)),
-            {"subject_id": int(subject), "study_id": int(study), "split": split.get(dicom, "train"), "images": []},
+            {"subject_id": int(subject), "study_id": int(study), "split": split[dicom], "images": []},
         )
         record["images"].append(rel)
     read = _report_reader(Path(reports))
     counts = {"kept": 0, "missing_report": 0, "short_report": 0, "missing_images": missing_images}
+    counts["not_in_split_csv"] = not_in_split
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w") as f:
         for key in sorted(studies):
             record = studies[key]
-            text = read(str(record["subject_id"]), str(record["study_id"]))
-            if text is None:
+            report = read(str(record["subject_id"]), str(record["study_id"]))
+            if report is None:
                 counts["missing_report"] += 1
                 continue
+            where, text = report
+            if not text.strip():
+                raise ValueError(f"{where}: empty report.")
             findings, impression = report_sentences(text)
             sentences = findings + impression
             if sum(len(s.split()) for s in sentences) < min_tokens:

@@ -27,21 +27,32 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import Dataset, MetaTensor
 from monai.engines.utils import PrepareBatch
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import MapTransform, Randomizable, apply_transform
 from PIL import Image
 from torch.utils.data import Sampler
 
-from common.core.spacing import ANISO_D_2D, aniso_d_from_spacing
+from ..core.spacing import ANISO_D_2D, aniso_d_from_spacing
 
 __all__ = [
+    "CHAOSSubmissionWriterd",
+    "CHAOS_LABEL_VALUES",
     "DABucketBatchSampler",
+    "ForegroundStatsd",
     "LoadPUMITImaged",
     "PUMITCropd",
     "PUMITPrepareBatch",
+    "PUMITSampledDataset",
+    "NormalizeWithStatsd",
     "PadToTokenGridd",
+    "RandScaleDABatchSampler",
+    "chaos_datalist",
+    "chaos_label_from_png",
+    "chaos_submission_template",
     "load_medmnist_npz",
     "load_pumit_datalist",
     "read_image",
@@ -51,6 +62,8 @@ __all__ = [
 SPACING_2D = 1e8
 PNG_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NPY_SUFFIX = ".npy"
+"""Arrays written by ``python -m tools prepare pumit``: (D, H, W) float16 in [0, 1]; spacing from the data list."""
 
 
 def _check_spacing(spacing: Sequence[float], path: str) -> tuple[float, float, float]:
@@ -61,6 +74,8 @@ def _check_spacing(spacing: Sequence[float], path: str) -> tuple[float, float, f
     return tuple(float(s) for s in spacing)  # type: ignore[return-value]
 
 
+# not LoadImage(PydicomReader): it orders slices by InstanceNumber and steps along z only; this orders along the
+# slice normal and measures the 3D step, so oblique or renumbered series keep their geometry
 def _dicom_files(folder: str) -> list:
     import pydicom
 
@@ -121,6 +136,8 @@ def read_spacing(path: str, spacing: Sequence[float] | None = None) -> tuple[flo
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: image listed in the data list does not exist.")
     lower = path.lower()
+    if lower.endswith(NPY_SUFFIX):
+        return _check_spacing(spacing, path)
     if lower.endswith(PNG_SUFFIXES):
         sy, sx = (1.0, 1.0) if spacing is None else tuple(spacing)[-2:]
         return _check_spacing((SPACING_2D, sy, sx), path)
@@ -129,6 +146,7 @@ def read_spacing(path: str, spacing: Sequence[float] | None = None) -> tuple[flo
     raise ValueError(f"{path}: unsupported image format; use NIfTI, PNG/JPEG or a DICOM series folder.")
 
 
+# not ScaleIntensityRangePercentiles: its percentiles count the background minimum too (a test shows the gap)
 def _normalise(arr: np.ndarray) -> np.ndarray:
     """Map the 0.5-99.5 percentile range of the values above the minimum to [0, 1]."""
     arr = arr.astype(np.float32)
@@ -152,6 +170,11 @@ def read_image(path: str, spacing: Sequence[float] | None = None) -> tuple[np.nd
         )
         return _normalise(vol)[None], _dicom_spacing(series, path)
     sp = read_spacing(path, spacing)
+    if lower.endswith(NPY_SUFFIX):
+        arr = np.load(path, mmap_mode="r")
+        if arr.ndim != 3:
+            raise ValueError(f"{path}: prepared PUMIT arrays are (D, H, W), got shape {arr.shape}.")
+        return np.asarray(arr, dtype=np.float32)[None], sp
     if lower.endswith(PNG_SUFFIXES):
         img = np.asarray(Image.open(path).convert("L"))
         arr = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else _normalise(img)
@@ -185,6 +208,7 @@ def load_pumit_datalist(path: str, split: str = "training", scale: Sequence[floa
                 "weight": float(datasets.get(name, {}).get("weight", 1.0)),
                 "spacing": list(spacing),
                 "aniso_d": aniso_d_from_spacing(spacing, scale),
+                **({"shape": list(entry["shape"])} if "shape" in entry else {}),
             }
         )
     return items
@@ -193,7 +217,8 @@ def load_pumit_datalist(path: str, split: str = "training", scale: Sequence[floa
 class LoadPUMITImaged(MapTransform):
     """Read ``d[key]`` (NIfTI / PNG / DICOM folder) to a ``(1, D, H, W)`` MetaTensor in [0, 1].
 
-    Also sets ``spacing`` (depth-first) and ``aniso_d``.
+    Also sets ``spacing`` (depth-first) and ``aniso_d`` (of the spacing times ``d["scale"]`` when a
+    ``RandScaleDABatchSampler`` drew one).
     """
 
     def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False):
@@ -203,7 +228,8 @@ class LoadPUMITImaged(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             path = str(d[key])
-            arr, spacing = read_image(path, d.get("spacing") if path.lower().endswith(PNG_SUFFIXES) else None)
+            listed = path.lower().endswith((*PNG_SUFFIXES, NPY_SUFFIX))  # spacing comes from the data list
+            arr, spacing = read_image(path, d.get("spacing") if listed else None)
             affine = torch.diag(
                 torch.tensor([*(1.0 if s >= SPACING_2D else s for s in spacing), 1.0], dtype=torch.float64)
             )
@@ -211,12 +237,17 @@ class LoadPUMITImaged(MapTransform):
                 torch.from_numpy(np.ascontiguousarray(arr)), affine=affine, meta={"filename_or_obj": path}
             )
             d["spacing"] = torch.tensor(spacing)
-            d["aniso_d"] = aniso_d_from_spacing(spacing)
+            d["aniso_d"] = aniso_d_from_spacing(spacing, d.get("scale", (1.0, 1.0, 1.0)))
         return d
 
 
 class PUMITCropd(Randomizable, MapTransform):
-    """Random crop of ``(tz * (patch >> DA), patch * tx, patch * tx)`` voxels (``tz = 1`` in 2D), padded if small."""
+    """Random crop of ``(tz * (patch >> DA), patch * tx, patch * tx)`` voxels (``tz = 1`` in 2D), padded if small.
+
+    With ``d["scale"] = (scale_z, scale_x, scale_x)`` (drawn by ``RandScaleDABatchSampler``) a region of
+    ``roi * scale`` voxels is cropped and resized (trilinear) to the roi, i.e. the spacing becomes
+    ``spacing * scale``; ``d["spacing"]`` is updated accordingly.
+    """
 
     def __init__(self, keys: KeysCollection = "image", tz: int = 5, tx: int = 10, patch: int = 16):
         super().__init__(keys)
@@ -230,13 +261,22 @@ class PUMITCropd(Randomizable, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         roi = self.roi(int(d["aniso_d"]))
+        scale = [float(v) for v in d.get("scale", (1.0, 1.0, 1.0))]
+        size = [max(round(r * f), 1) for r, f in zip(roi, scale)]
         for key in self.key_iterator(d):
             img = d[key]
-            pad = [max(r - s, 0) for r, s in zip(roi, img.shape[1:])]
+            pad = [max(r - s, 0) for r, s in zip(size, img.shape[1:])]
             if any(pad):
                 img = torch.nn.functional.pad(img, [p for q in reversed(pad) for p in (q // 2, q - q // 2)])
-            start = [int(self.R.randint(0, s - r + 1)) for s, r in zip(img.shape[1:], roi)]
-            d[key] = img[:, start[0] : start[0] + roi[0], start[1] : start[1] + roi[1], start[2] : start[2] + roi[2]]
+            start = [int(self.R.randint(0, s - r + 1)) for s, r in zip(img.shape[1:], size)]
+            img = img[:, start[0] : start[0] + size[0], start[1] : start[1] + size[1], start[2] : start[2] + size[2]]
+            if tuple(size) != roi:
+                img = torch.nn.functional.interpolate(img[None], size=roi, mode="trilinear", align_corners=False)[0]
+            d[key] = img
+        if "spacing" in d and any(f != 1.0 for f in scale):
+            d["spacing"] = torch.as_tensor(d["spacing"]) * torch.tensor(
+                scale, dtype=torch.as_tensor(d["spacing"]).dtype
+            )
         return d
 
 
@@ -261,26 +301,161 @@ class DABucketBatchSampler(Sampler[list[int]]):
     """Weighted draws of images, one degree of anisotropy per batch (DA is a per-batch network argument).
 
     Each batch draws its first image with probability proportional to ``weight``, then fills up with
-    images of the same ``aniso_d`` (also by weight). ``num_batches`` batches make one epoch.
+    images of the same ``aniso_d`` (also by weight). One epoch is ``num_batches`` batches in all ranks
+    together: every rank draws the same epoch from ``(seed, epoch)`` and keeps batches ``rank::world``,
+    so under DDP no batch is drawn twice and each rank runs ``ceil(num_batches / world)`` of them.
+    ``set_epoch`` (called by :meth:`attach`'s handler, like MONAI does for ``DistributedSampler``) picks
+    the epoch; without it each pass over the sampler moves on to the next epoch.
     """
 
-    def __init__(self, data: Sequence[Mapping], batch_size: int, num_batches: int, seed: int = 0):
+    def __init__(
+        self,
+        data: Sequence[Mapping],
+        batch_size: int,
+        num_batches: int,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):
+        running = dist.is_available() and dist.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if running else 1
+        self.rank = rank if rank is not None else dist.get_rank() if running else 0
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is outside [0, {self.num_replicas}).")
         self.batch_size = batch_size
         self.num_batches = num_batches
+        self.seed = seed
+        self.epoch = 0
         self.weights = np.array([float(d.get("weight", 1.0)) for d in data])
         self.aniso_d = np.array([int(d["aniso_d"]) for d in data])
-        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return -(-self.num_batches // self.num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def attach(self, engine: Engine) -> None:
+        """Call ``set_epoch(engine.state.epoch)`` at the start of every epoch of ``engine`` (resume included)."""
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.set_epoch(e.state.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        p = self.weights / self.weights.sum()
+        for i in range(len(self) * self.num_replicas):
+            first = int(rng.choice(len(p), p=p))
+            same = np.flatnonzero(self.aniso_d == self.aniso_d[first])
+            q = self.weights[same] / self.weights[same].sum()
+            batch = [first, *rng.choice(same, size=self.batch_size - 1, p=q).tolist()]
+            if i % self.num_replicas == self.rank:
+                yield batch
+
+
+class RandScaleDABatchSampler(Sampler[list[tuple[int, dict]]]):
+    """The official PUMIT batch sampler: per-sample scale augmentation that changes the degree of anisotropy.
+
+    Images are drawn with probability proportional to ``weight`` (a buffer of ``buffer_size`` draws at a
+    time). For each draw: in-plane scale ``U[scale_x[0], min(size_x / (patch * tx), scale_x[1])]`` with
+    probability ``scale_x_p`` (the cap needs ``shape`` in the item), depth scale ``U[scale_z]`` with
+    probability ``scale_z_p`` only when ``s_z <= isotropic_th * s_xy``; then
+    ``DA = floor(log2(clip(s_z * scale_z / (s_xy * scale_x), 1, 32)))``. Draws are bucketed by DA and every
+    full bucket is one batch of ``(index, {"aniso_d", "scale"})`` items (``PUMITSampledDataset`` reads them).
+    Batches are dealt round-robin to the ``num_replicas`` ranks and each rank runs ``num_batches`` of them, as
+    the official sampler does (so ``num_batches`` is optimiser steps per rank and epoch, matching the per-step
+    schedule). Each epoch's draws come from ``(seed, epoch)``; ``attach`` sets the epoch from the engine.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Mapping],
+        batch_size: int,
+        num_batches: int,
+        tx: int = 10,
+        patch: int = 16,
+        scale_x: Sequence[float] = (0.75, 2.0),
+        scale_x_p: float = 0.5,
+        scale_z: Sequence[float] = (0.8, 1.25),
+        scale_z_p: float = 0.3,
+        isotropic_th: float = 1.5,
+        buffer_size: int = 16384,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.num_replicas = (
+            num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if distributed else 1)
+        )
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        self.data = data
+        self.batch_size, self.num_batches = batch_size, num_batches
+        self.size_x = patch * tx
+        self.scale_x, self.scale_x_p = tuple(scale_x), scale_x_p
+        self.scale_z, self.scale_z_p = tuple(scale_z), scale_z_p
+        self.isotropic_th = isotropic_th
+        self.buffer_size = buffer_size
+        self.weights = torch.tensor([float(d.get("weight", 1.0)) for d in data], dtype=torch.float64)
+        self.seed, self.epoch = seed, 0
+        self.rng = np.random.default_rng([seed, 0])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def attach(self, engine: Engine) -> None:
+        """Call ``set_epoch(engine.state.epoch)`` at the start of every epoch of ``engine`` (resume included)."""
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.set_epoch(e.state.epoch))
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> Iterator[list[int]]:
-        p = self.weights / self.weights.sum()
-        for _ in range(self.num_batches):
-            first = int(self.rng.choice(len(p), p=p))
-            same = np.flatnonzero(self.aniso_d == self.aniso_d[first])
-            q = self.weights[same] / self.weights[same].sum()
-            yield [first, *self.rng.choice(same, size=self.batch_size - 1, p=q).tolist()]
+    def draw(self, index: int) -> dict:
+        """Random ``scale`` (depth, in-plane, in-plane) of one image and the resulting ``aniso_d``."""
+        item = self.data[index]
+        spacing = [float(v) for v in item["spacing"]]
+        s_xy = min(spacing[1:])
+        scale_x = 1.0
+        if self.rng.uniform() < self.scale_x_p:
+            high = self.scale_x[1]
+            if "shape" in item:
+                high = min(min(int(v) for v in item["shape"][-2:]) / self.size_x, high)
+            scale_x = float(self.rng.uniform(self.scale_x[0], max(high, self.scale_x[0])))
+        scale_z = 1.0
+        if spacing[0] <= self.isotropic_th * s_xy and self.rng.uniform() < self.scale_z_p:
+            scale_z = float(self.rng.uniform(*self.scale_z))
+        scale = (scale_z, scale_x, scale_x)
+        return {"aniso_d": aniso_d_from_spacing(spacing, scale), "scale": scale}
+
+    def __iter__(self) -> Iterator[list[tuple[int, dict]]]:
+        self.rng = np.random.default_rng([self.seed, self.epoch])  # every rank draws the same stream
+        generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
+        self.epoch += 1
+        remaining, next_rank, buckets = self.num_batches, 0, {}
+        while remaining > 0:
+            for index in torch.multinomial(self.weights, self.buffer_size, True, generator=generator).tolist():
+                trans = self.draw(index)
+                bucket = buckets.setdefault(trans["aniso_d"], [])
+                bucket.append((index, trans))
+                if len(bucket) < self.batch_size:
+                    continue
+                if next_rank == self.rank:
+                    yield bucket
+                    remaining -= 1
+                    if remaining == 0:
+                        return
+                next_rank = (next_rank + 1) % self.num_replicas
+                buckets.pop(trans["aniso_d"])
+
+
+class PUMITSampledDataset(Dataset):
+    """MONAI ``Dataset`` that also accepts ``(index, extra)`` items: ``extra`` (e.g. ``aniso_d``, ``scale``) is
+    merged into the data dict before the transform runs."""
+
+    def __getitem__(self, index: Any):
+        if isinstance(index, tuple) and len(index) == 2 and isinstance(index[1], Mapping):
+            data = {**self.data[index[0]], **index[1]}
+            return apply_transform(self.transform, data) if self.transform is not None else data
+        return super().__getitem__(index)
 
 
 class PUMITPrepareBatch(PrepareBatch):
@@ -298,13 +473,9 @@ class PUMITPrepareBatch(PrepareBatch):
         if not bool((da == da[0]).all()):
             raise ValueError(f"a PUMIT batch must share one aniso_d, got {da.tolist()}; use DABucketBatchSampler.")
         image = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking)
-        target = (
-            None
-            if self.target_key is None
-            else image
-            if self.target_key == self.image_key
-            else torch.as_tensor(batchdata[self.target_key]).to(device=device, non_blocking=non_blocking)
-        )
+        target = None if self.target_key is None else image
+        if self.target_key not in (None, self.image_key):
+            target = torch.as_tensor(batchdata[self.target_key]).to(device=device, non_blocking=non_blocking)
         return image, target, (), {"aniso_d": int(da[0])}
 
 
@@ -331,3 +502,159 @@ def load_medmnist_npz(path: str, split: str = "train") -> list[dict]:
         }
         for index, (img, lab) in enumerate(zip(images, labels))
     ]
+
+
+# ---- CHAOS (MR) downstream: official layout ``<root>/{Train,Test}/<case>/{T1DUAL,T2SPIR}/{image,label}.nii.gz``
+
+CHAOS_LABEL_VALUES = (0, 63, 126, 189, 252)
+"""Grey values of the CHAOS MR ground-truth PNGs for background, liver, right kidney, left kidney, spleen."""
+CHAOS_CASES = tuple(range(1, 41))
+CHAOS_SEQUENCES = ("T1DUAL", "T2SPIR")
+
+
+def chaos_datalist(
+    dataset_dir: str,
+    split: str = "Train",
+    sequences: Sequence[str] = CHAOS_SEQUENCES,
+    cases: Sequence[str] | None = None,
+    exclude_cases: Sequence[str] = (),
+) -> list[dict]:
+    """``{"image", ["label"]}`` items of one split (``Train`` carries labels); T1DUAL images hold in/out phase.
+
+    ``cases`` keeps only those case folders, ``exclude_cases`` drops some (e.g. a validation hold-out).
+    """
+    root = os.path.join(dataset_dir, split)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: CHAOS split folder not found (expected <dataset_dir>/{split}/<case>/<seq>).")
+    items = []
+    found = sorted(os.listdir(root), key=lambda c: (len(c), c))
+    missing = sorted(set(cases or ()) - set(found))
+    if missing:
+        raise ValueError(f"{root}: requested CHAOS cases {missing} not found.")
+    for case in found:
+        if (cases is not None and case not in cases) or case in exclude_cases:
+            continue
+        for seq in sequences:
+            folder = os.path.join(root, case, seq)
+            if not os.path.isdir(folder):
+                continue
+            item = {"image": os.path.join(folder, "image.nii.gz")}
+            if split == "Train":
+                item["label"] = os.path.join(folder, "label.nii.gz")
+            for key, path in item.items():
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"{path}: CHAOS {key} missing.")
+            items.append(item)
+    if not items:
+        raise ValueError(f"{root}: no CHAOS cases with sequences {list(sequences)}.")
+    return items
+
+
+def chaos_label_from_png(slices: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack CHAOS ground-truth PNG slices (grey values 0/63/126/189/252) into the image's voxel order, 0..4."""
+    stack = np.stack(slices, axis=-1)
+    unknown = np.setdiff1d(np.unique(stack), CHAOS_LABEL_VALUES)
+    if unknown.size:
+        raise ValueError(f"CHAOS ground truth has grey values {unknown.tolist()} outside {CHAOS_LABEL_VALUES}.")
+    label = np.searchsorted(CHAOS_LABEL_VALUES, stack).astype(np.uint8)
+    return np.ascontiguousarray(np.flip(np.rot90(label), 0))
+
+
+def chaos_submission_template(out_dir: str) -> str:
+    """Create the CHAOS challenge's empty submission tree (Task1-5, CT / MR cases 1-40, ``Results`` folders)."""
+    tasks = {1: ("CT", "MR"), 2: ("CT",), 3: ("MR",), 4: ("CT", "MR"), 5: ("MR",)}
+    for task, modalities in tasks.items():
+        for modality in modalities:
+            for case in CHAOS_CASES:
+                subs = [""] if modality == "CT" else list(CHAOS_SEQUENCES)
+                for sub in subs:
+                    folder = os.path.join(out_dir, f"Task{task}", modality, str(case), sub, "Results")
+                    os.makedirs(folder, exist_ok=True)
+    return out_dir
+
+
+class ForegroundStatsd(MapTransform):
+    """Store each channel's mean and (unbiased) std over its positive voxels in ``d[f"stats_{key}"]`` (2, C).
+
+    (The key must not start with ``image_``: MONAI's spatial transforms treat such keys as meta dicts.)
+
+    The official CHAOS pipeline takes these statistics right after percentile scaling and normalises with
+    them after augmentation (``NormalizeWithStatsd``).
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            img = img.float()
+            stats = []
+            for channel in img:
+                fg = channel[channel > 0]
+                if fg.numel() < 2:
+                    name = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                    raise ValueError(f"{name}: channel has fewer than 2 positive voxels; cannot normalise it.")
+                stats.append(torch.stack([fg.mean(), fg.std()]))
+            d[f"stats_{key}"] = torch.stack(stats, dim=1)
+        return d
+
+
+class NormalizeWithStatsd(MapTransform):
+    """``(x - mean) / std`` with the statistics of ``ForegroundStatsd``; single-channel images (T2SPIR) are
+    repeated to ``channels`` first, as the official ``InputTransformD`` does."""
+
+    def __init__(self, keys: KeysCollection = "image", channels: int = 2, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.channels = channels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img, stats = d[key], torch.as_tensor(d.pop(f"stats_{key}"))
+            if img.shape[0] == 1 and self.channels > 1:
+                img, stats = img.repeat(self.channels, *[1] * (img.ndim - 1)), stats.repeat(1, self.channels)
+            shape = (-1,) + (1,) * (img.ndim - 1)
+            d[key] = (img - stats[0].reshape(shape).to(img)) / stats[1].reshape(shape).to(img)
+        return d
+
+
+class CHAOSSubmissionWriterd(MapTransform):
+    """Write an argmax prediction ``(1, X, Y, Z)`` (image.nii.gz's voxel grid) as CHAOS submission PNGs.
+
+    The case and sequence come from the image path ``.../<split>/<case>/<seq>/image.nii.gz``. Task 5 gets all
+    organs (grey values ``CHAOS_LABEL_VALUES``), Task 3 the liver only. Slices are named after the DICOM
+    files of ``<dicom_root>/<split>_Sets/MR/<case>/<seq>/DICOM_anon[/InPhase]`` when given, else
+    ``result000.png`` ...
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", output_dir: str = "./submit", dicom_root: str | None = None):
+        super().__init__(keys)
+        self.output_dir = output_dir
+        self.dicom_root = dicom_root
+
+    def _stems(self, split: str, case: str, seq: str, n: int) -> list[str]:
+        if self.dicom_root is None:
+            return [f"result{i:03d}" for i in range(n)]
+        folder = os.path.join(self.dicom_root, f"{split}_Sets", "MR", case, seq, "DICOM_anon")
+        folder = os.path.join(folder, "InPhase") if seq == "T1DUAL" else folder
+        stems = sorted(f[: -len(".dcm")] for f in os.listdir(folder) if f.endswith(".dcm"))
+        if len(stems) != n:
+            raise ValueError(f"{folder}: {len(stems)} DICOM slices but the prediction has {n}.")
+        return stems
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            path = str(pred.meta["filename_or_obj"])
+            split, case, seq = os.path.normpath(path).split(os.sep)[-4:-1]
+            arr = np.asarray(torch.as_tensor(pred).detach().cpu())[0].astype(np.int64)
+            arr = np.rot90(np.flip(np.asarray(CHAOS_LABEL_VALUES, dtype=np.uint8)[arr], 0), 3)
+            stems = self._stems(split, case, seq, arr.shape[2])
+            for task, volume in (("Task5", arr), ("Task3", np.where(arr == CHAOS_LABEL_VALUES[1], arr, 0))):
+                folder = os.path.join(self.output_dir, task, "MR", case, seq, "Results")
+                os.makedirs(folder, exist_ok=True)
+                for i, stem in enumerate(stems):
+                    Image.fromarray(np.ascontiguousarray(volume[..., i]).astype(np.uint8)).save(
+                        os.path.join(folder, f"{stem}.png")
+                    )
+        return d

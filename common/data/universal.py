@@ -18,18 +18,21 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Randomizable, Transform, get_largest_connected_component_mask
 from scipy import ndimage
 
-from common.core.taxonomy import CLASS_NAMES, NUM_CLASSES, PROMPT_NAMES
-from common.data.checks import source_name
+from ..core.taxonomy import CLASS_NAMES, NUM_CLASSES, PROMPT_NAMES
+from .checks import source_name
 
 __all__ = [
+    "CLASS_CROP_DATASETS",
     "CLASS_NAMES",
     "LABEL_MAP",
     "NUM_CLASSES",
     "PROMPT_NAMES",
     "TEMPLATE",
+    "ZOOM_DATASETS",
+    "ForDatasetsd",
     "MarkUnannotatedd",
     "MergeLabelsd",
     "SavePerClassd",
@@ -37,7 +40,7 @@ __all__ = [
     "UniversalPostProcessd",
     "class_indices",
     "dataset_key",
-    "image_datalist",
+    "item_dataset_key",
     "label_transfer",
     "merge_label_map",
     "organ_post_process",
@@ -105,6 +108,11 @@ TUMOR_FROM_RAW: dict[str, dict[int, tuple[int, ...]]] = {
 }
 # Organs annotated as one label for both sides: index i becomes right (i) / left (i + 1) by position.
 RL_SPLIT: dict[str, tuple[int, ...]] = {"05": (2,), "08": (2,), "13": (2,), "07": (12,), "12": (2, 16)}
+
+# Official ``dataset/dataloader.py`` recipe switches: RandZoomd only for the MSD cases, and crops centred by
+# raw class (ratios [1, 1, 5]) instead of foreground/background for the tumour datasets.
+ZOOM_DATASETS: tuple[str, ...] = ("10_03", "10_06", "10_07", "10_08", "10_09", "10_10")
+CLASS_CROP_DATASETS: tuple[str, ...] = ("04", "10_03", "10_07", "10_08")
 
 _STRUCT26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -194,11 +202,73 @@ def label_transfer(raw: np.ndarray, key: str, filename: str = "label") -> tuple[
     return target, annotated
 
 
+def item_dataset_key(
+    data: Mapping[Hashable, object],
+    name_key: str = "name",
+    key_key: str = "dataset",
+    default_key: str | None = "universal",
+    filename: str = "item",
+) -> str:
+    """Template key of a datalist item: ``data[key_key]``, else ``dataset_key(data[name_key])``, else
+    ``default_key``."""
+    if key_key in data:
+        return str(data[key_key])
+    if name_key in data:
+        return dataset_key(str(data[name_key]))
+    if default_key is not None:
+        return default_key
+    raise KeyError(f"{filename}: item needs '{name_key}' or '{key_key}' to pick its label table.")
+
+
+class ForDatasetsd(Randomizable, Transform):
+    """Apply ``transform`` only to items of the listed source datasets (or, with ``exclude``, of all others);
+    other items pass through unchanged.
+
+    The official recipe switches transforms per dataset this way (``RandZoomd_select``,
+    ``RandCropBy*_select`` in ``dataset/dataloader.py``). Random states set by ``Compose`` reach the
+    wrapped transform, and ``CacheDataset`` stops caching here like at any random transform.
+    """
+
+    def __init__(
+        self,
+        transform: Transform,
+        datasets: Sequence[str],
+        exclude: bool = False,
+        name_key: str = "name",
+        key_key: str = "dataset",
+        default_key: str | None = "universal",
+    ) -> None:
+        self.transform = transform
+        self.datasets = frozenset(str(k) for k in datasets)
+        self.exclude = exclude
+        self.name_key = name_key
+        self.key_key = key_key
+        self.default_key = default_key
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> ForDatasetsd:
+        super().set_random_state(seed, state)
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: object) -> None:
+        """The wrapped transform draws its own parameters."""
+
+    def selects(self, data: Mapping[Hashable, object]) -> bool:
+        """Whether ``data`` gets the wrapped transform."""
+        key = item_dataset_key(data, self.name_key, self.key_key, self.default_key)
+        return (key in self.datasets) != self.exclude
+
+    def __call__(self, data: Mapping[Hashable, object]) -> object:
+        return self.transform(data) if self.selects(data) else dict(data)
+
+
 class UniversalLabeld(MapTransform):
     """Replace a raw label (``[1, *spatial]``, RAS) by its 32-channel universal target and store the
     per-channel annotated mask under ``annotated_key``. The dataset comes from ``data[key_key]``, else
     ``dataset_key(data[name_key])``, else ``default_key`` (``"universal"``: labels already in universal indices,
-    e.g. from MONAI Label). Per-class voxel counts are logged at debug level."""
+    e.g. from MONAI Label). With ``raw_key`` the raw label is kept there (uint8): the official recipe picks
+    its random crop centres from the raw values. Per-class voxel counts are logged at debug level."""
 
     def __init__(
         self,
@@ -207,6 +277,7 @@ class UniversalLabeld(MapTransform):
         key_key: str = "dataset",
         annotated_key: str = "annotated",
         default_key: str | None = "universal",
+        raw_key: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -214,30 +285,34 @@ class UniversalLabeld(MapTransform):
         self.key_key = key_key
         self.annotated_key = annotated_key
         self.default_key = default_key
+        self.raw_key = raw_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
             filename = source_name(d, key)
-            if self.key_key in d:
-                ds_key = str(d[self.key_key])
-            elif self.name_key in d:
-                ds_key = dataset_key(str(d[self.name_key]))
-            elif self.default_key is not None:
-                ds_key = self.default_key
-            else:
-                raise KeyError(f"{filename}: item needs '{self.name_key}' or '{self.key_key}' to pick its label table.")
+            ds_key = item_dataset_key(d, self.name_key, self.key_key, self.default_key, filename)
             lbl = d[key]
             if lbl.shape[0] != 1:
                 raise ValueError(f"{filename}: expected a 1-channel raw label, got shape {tuple(lbl.shape)}.")
             target, annotated = label_transfer(np.asarray(lbl[0].cpu()), ds_key, filename)
             logger.debug("%s (%s) voxels per class: %s", filename, ds_key, target.reshape(NUM_CLASSES, -1).sum(1))
-            out = torch.from_numpy(target)
-            if isinstance(lbl, MetaTensor):
-                out = MetaTensor(out, meta=lbl.meta, applied_operations=lbl.applied_operations)
-            d[key] = out
+            if self.raw_key is not None:
+                d[self.raw_key] = _like(torch.as_tensor(lbl).to(torch.uint8), lbl)
+            d[key] = _like(torch.from_numpy(target), lbl)
             d[self.annotated_key] = torch.from_numpy(annotated)
         return d
+
+
+def _like(values: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``values`` carrying ``ref``'s metadata and applied operations when ``ref`` is a ``MetaTensor``."""
+    if isinstance(ref, MetaTensor):
+        return MetaTensor(
+            values.as_tensor() if isinstance(values, MetaTensor) else values,
+            meta=ref.meta,
+            applied_operations=ref.applied_operations,
+        )
+    return values
 
 
 class MarkUnannotatedd(MapTransform):
@@ -293,30 +368,11 @@ def read_dataset_list(list_file: str | Sequence[str], data_root: str, check_file
     return items
 
 
-def image_datalist(dataset_dir: str, pattern: str = "*.nii.gz") -> list[dict[str, str]]:
-    """``[{"image": path}]`` for the images matching ``pattern`` under ``dataset_dir`` (recursive ``**`` allowed).
-
-    Raises ``FileNotFoundError`` when nothing matches instead of silently running on zero cases.
-    """
-    paths = sorted(str(p) for p in Path(dataset_dir).glob(pattern) if p.is_file())
-    if not paths:
-        raise FileNotFoundError(f"no image matches {pattern!r} under {dataset_dir}.")
-    return [{"image": p} for p in paths]
-
-
 def uniform_sample_weights(items: Sequence[Mapping[str, str]]) -> torch.Tensor:
     """Per-item sampling weights that draw every source dataset equally often (``--uniform_sample``)."""
     keys = [dataset_key(str(it["name"])) if "name" in it else "universal" for it in items]
     counts = Counter(keys)
     return torch.tensor([1.0 / counts[k] for k in keys], dtype=torch.double)
-
-
-def _largest(mask: np.ndarray, k: int = 1) -> np.ndarray:
-    labels, sizes = _components(mask)
-    if len(sizes) <= 1:
-        return np.zeros_like(mask, dtype=bool)
-    keep = np.argsort(sizes[1:])[::-1][:k] + 1
-    return np.isin(labels, keep)
 
 
 _KEEP_LARGEST = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 18, 19, 20, 21, 22, 23, 24, 25}
@@ -337,11 +393,12 @@ def organ_post_process(pred: np.ndarray, classes: Sequence[int] | None = None) -
     for c in sorted(wanted):
         ch = c - 1
         if c in _KEEP_LARGEST or c == 11:
-            out[ch] = _largest(pred[ch])
+            out[ch] = get_largest_connected_component_mask(pred[ch], connectivity=3)
         elif c in (16, 17):
             continue  # both lungs handled together below
         elif c in _TUMOR_HOST:
-            host = _largest(np.any(pred[[h - 1 for h in _TUMOR_HOST[c]]], 0), len(_TUMOR_HOST[c]))
+            host = np.any(pred[[h - 1 for h in _TUMOR_HOST[c]]], 0)
+            host = get_largest_connected_component_mask(host, connectivity=3, num_components=len(_TUMOR_HOST[c]))
             box = np.ones((5, 5, 5), dtype=bool)
             host = ndimage.binary_dilation(ndimage.binary_closing(host, structure=box), structure=box)
             out[ch] = pred[ch] & host

@@ -16,7 +16,7 @@ import os
 import nibabel as nib
 import numpy as np
 
-from common.data.btcv import btcv_split_json
+from ..data.btcv import btcv_split_json
 
 logger = logging.getLogger(__name__)
 

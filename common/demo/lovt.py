@@ -19,7 +19,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from common.data.mimic_cxr import build_index, index_statistics, pixel_statistics
+from ..data.mimic_cxr import build_index, index_statistics, pixel_statistics
 
 __all__ = ["phantom", "make_pretraining_demo", "make_segmentation_demo", "write_tiny_bert"]
 
@@ -170,6 +170,8 @@ def make_segmentation_demo(
 ) -> str:
     """Write ``<split>/{images,masks}/<id>.png`` (train / validation / test) and ``dataset_statistics.json``.
 
+    The statistics file has the official LoVT layout (``{"train": {"num_samples", "scan": {"pixel_mean", ...}}}``).
+
     Every image has 1-2 opacities, the masks mark them (0/255). Idempotent on ``dataset_statistics.json``.
     """
     stats_file = os.path.join(dataset_dir, "dataset_statistics.json")
@@ -192,5 +194,5 @@ def make_segmentation_demo(
                 train_images.append(image / 255.0)
     mean, std = pixel_statistics(train_images)
     with open(stats_file, "w") as f:
-        json.dump({"pixel_mean": mean, "pixel_std": std, "num_images": splits}, f, indent=4)
+        json.dump({"train": {"num_samples": splits["train"], "scan": {"pixel_mean": mean, "pixel_std": std}}}, f)
     return dataset_dir

@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from common.data.lvit_templates import QATA_WORDS, ZONES, describe, lung_ellipses, zone_mask
+from ..data.lvit_templates import QATA_WORDS, ZONES, describe, lung_ellipses, zone_mask
 
 __all__ = ["demo_word_embedder", "make_lvit_demo"]
 
@@ -125,7 +125,7 @@ def demo_word_embedder(dataset_dir: str, hidden_size: int = 768, num_layers: int
     Its word vectors carry word identity and order, which is all the demo sentences need; real runs use
     ``bert-base-uncased``.
     """
-    from common.text.lvit_embed import random_bert_word_embedder
+    from ..text.lvit_embed import random_bert_word_embedder
 
     return random_bert_word_embedder(
         QATA_WORDS, os.path.join(dataset_dir, "text_encoder"), hidden_size=hidden_size, num_layers=num_layers, seed=seed

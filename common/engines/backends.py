@@ -342,12 +342,7 @@ class BackendInferer(Inferer):
             if not isinstance(network, torch.nn.Module):
                 raise EngineError(f"{self.backend} compiles a torch.nn.Module, got {type(network).__name__}")
             engine = CompiledNetwork(
-                network,
-                self.backend,
-                self.precision,
-                self.cache_dir,
-                self.batch_size,
-                engine_config=self.engine_config,
+                network, self.backend, self.precision, self.cache_dir, self.batch_size, engine_config=self.engine_config
             )
         except EngineError as e:
             return self._fall_back(network, e)

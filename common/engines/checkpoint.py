@@ -17,8 +17,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
-from common.core.distributed import is_main_process, unwrap_module
-from common.core.io import save_atomically
+from ..core.distributed import is_main_process, unwrap_module
+from ..core.io import save_atomically
 
 
 def state_of(save_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,6 +103,7 @@ class ResumeCheckpointLoader:
             setattr(validator.state, name, value)
 
 
+# not monai CheckpointSaver(save_key_metric=True): it writes in place (ignite atomic=False, see the module docstring)
 class BestMetricSaver:
     """Attach to an evaluator: save ``save_dict`` whenever the evaluator's key metric improved.
 

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+from monai.handlers import LrScheduleHandler
 from monai.handlers import ValidationHandler as _MonaiValidationHandler
 
-from common.engines.checkpoint import BestMetricSaver, LastCheckpointSaver, ResumeCheckpointLoader
+from .checkpoint import BestMetricSaver, LastCheckpointSaver, ResumeCheckpointLoader
 
-__all__ = ["BestMetricSaver", "LastCheckpointSaver", "ResumeCheckpointLoader", "ValidationHandler"]
+__all__ = [
+    "BestMetricSaver",
+    "EpochStartLrScheduleHandler",
+    "LastCheckpointSaver",
+    "ResumeCheckpointLoader",
+    "TrainingProgressBar",
+    "ValidationHandler",
+]
+
+
+class EpochStartLrScheduleHandler(LrScheduleHandler):
+    """MONAI's epoch-level ``LrScheduleHandler`` stepping when each epoch starts instead of when it ends.
+
+    The Universal Model's ``train.py`` calls ``scheduler.step()`` before training each epoch, so epoch 1
+    trains at the first warm-up step (not at ``warmup_start_lr`` = 0) and the last epoch at ``eta_min``.
+    A checkpoint saved after epoch ``k`` holds a scheduler stepped ``k`` times, so resuming continues the
+    same sequence.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        if self._name is None:
+            self.logger = engine.logger
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
 
 
 class ValidationHandler(_MonaiValidationHandler):
@@ -32,3 +57,15 @@ class ValidationHandler(_MonaiValidationHandler):
         engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=due), self)
         if self.exec_at_start:
             engine.add_event_handler(Events.STARTED, self)
+
+
+class TrainingProgressBar(ProgressBar):
+    """ignite's tqdm ``ProgressBar`` over the whole run: one step per epoch, with elapsed time and ETA.
+
+    MONAI's trainers call ``attach(engine)`` without options, which would count the iterations of one
+    epoch; this counts epochs out of ``max_epochs`` so the remaining time is the run's. Rank 0 only.
+    """
+
+    def attach(self, engine: Engine) -> None:  # type: ignore[override]
+        if idist.get_rank() == 0:
+            super().attach(engine, event_name=Events.EPOCH_COMPLETED, closing_event_name=Events.COMPLETED)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from torch.nn.parallel import DistributedDataParallel
 
-from common.core.distributed import is_main_process, unwrap_module
+from ..core.distributed import is_main_process, unwrap_module
 
 __all__ = ["lovt_inputs", "LoVTTrainStep", "LoVTEvalStep", "EncoderWarmup", "EmbeddingWriter"]
 
@@ -57,14 +59,18 @@ class LoVTTrainStep:
         engine.network.train()
         device_type = inputs["image"].device.type
         dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
-        with torch.autocast(device_type, dtype=dtype, enabled=bool(engine.amp)):
-            terms = engine.loss_function(engine.network(**inputs))
-        loss = terms["total"] / self.accumulation_steps
-        scaler = getattr(engine, "scaler", None) if engine.amp and device_type == "cuda" else None
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-
         position = (engine.state.iteration - 1) % engine.state.epoch_length + 1
-        if position % self.accumulation_steps == 0 or position == engine.state.epoch_length:
+        step = position % self.accumulation_steps == 0 or position == engine.state.epoch_length
+        scaler = getattr(engine, "scaler", None) if engine.amp and device_type == "cuda" else None
+        # DDP all-reduces gradients in backward; only the micro-batch before the optimizer step needs it
+        sync = step or not isinstance(engine.network, DistributedDataParallel)
+        with nullcontext() if sync else engine.network.no_sync():
+            with torch.autocast(device_type, dtype=dtype, enabled=bool(engine.amp)):
+                terms = engine.loss_function(engine.network(**inputs))
+            loss = terms["total"] / self.accumulation_steps
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        if step:
             if scaler is not None:
                 scaler.step(engine.optimizer)
                 scaler.update()

@@ -9,9 +9,9 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from common.core.distributed import is_main_process
-from common.core.io import save_atomically
-from common.engines.checkpoint import state_of
+from ..core.distributed import is_main_process
+from ..core.io import save_atomically
+from .checkpoint import state_of
 
 __all__ = ["BestAfterEpochSaver"]
 

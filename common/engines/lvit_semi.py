@@ -21,8 +21,8 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from common.data.lvit_templates import DEFAULT_TEMPLATE_TEXTS, parse_zones, zone_mask
-from common.losses.lvit import LViTDiceBCE, lv_loss
+from ..data.lvit_templates import DEFAULT_TEMPLATE_TEXTS, parse_zones, zone_mask
+from ..losses.lvit import LViTDiceBCE, lv_loss
 
 __all__ = ["EPIBank", "LVTemplates", "LViTSemiIteration", "count_unlabelled", "labelled_subset", "semi_datalist"]
 
@@ -42,25 +42,41 @@ class EPIBank(nn.Module):
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """EMA-update entries ``index`` with ``pred [B,1,H,W]`` (gathered across ranks); return their pseudo-labels."""
-        index = index.to(self.probs.device).long()
-        pred = pred.detach().to(self.probs.device, torch.float32)
-        all_index, all_pred = _gather(index), _gather(pred)
-        old = self.probs[all_index].float()
-        seen = self.seen[all_index].view(-1, *([1] * (pred.dim() - 1)))
-        new = torch.where(seen, self.beta * old + (1 - self.beta) * all_pred, all_pred)
-        self.probs[all_index] = new.to(torch.float16)
-        self.seen[all_index] = True
-        return (self.probs[index].float() > 0.5).float()
+        """EMA-update entries ``index`` with ``pred [B,1,H,W]`` (gathered across ranks); return their pseudo-labels.
+
+        Under DDP every rank must call it at every iteration, also with an empty ``index`` (``B = 0``):
+        the gather is a collective, and ranks hold different numbers of unlabelled images.
+        """
+        pred = pred.detach().float()
+        all_index = _gather(index.to(pred.device).long()).to(self.probs.device)
+        all_pred = _gather(pred).to(self.probs.device)
+        if len(all_index):
+            old = self.probs[all_index].float()
+            seen = self.seen[all_index].view(-1, *([1] * (pred.dim() - 1)))
+            new = torch.where(seen, self.beta * old + (1 - self.beta) * all_pred, all_pred)
+            self.probs[all_index] = new.to(torch.float16)
+            self.seen[all_index] = True
+        return (self.probs[index.to(self.probs.device).long()].float() > 0.5).float().to(pred.device)
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank (identity without a process group); batches must be equal-sized."""
+    """Concatenate ``x`` (any length along dim 0, zero included) from every rank; identity without a process group.
+
+    Lengths are exchanged first, then every rank sends ``x`` padded to the longest, so unequal batches gather.
+    Tensors stay on their device (CUDA for NCCL).
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    world = dist.get_world_size()
+    length = torch.tensor([x.shape[0]], device=x.device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    sizes = [int(n) for n in lengths]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
 class LVTemplates(nn.Module):
@@ -120,15 +136,22 @@ class LViTSemiIteration:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         engine.state.output = {Keys.IMAGE: image, Keys.LABEL: label}
-        pred = engine.network(image, text)
-        engine.state.output[Keys.PRED] = pred
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        out = self.compute_loss(pred, label, text, labelled, index)
+        amp = bool(getattr(engine, "amp", False))
+        with torch.autocast("cuda", enabled=amp):  # as MONAI's trainer: AMP is CUDA autocast + its GradScaler
+            pred = engine.network(image, text)
+            engine.state.output[Keys.PRED] = pred
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            out = self.compute_loss(pred, label, text, labelled, index)
         engine.state.output.update(out)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        out["loss"].backward()
+        scaler = getattr(engine, "scaler", None) if amp else None
+        (scaler.scale(out["loss"]) if scaler is not None else out["loss"]).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
+        if scaler is not None:
+            scaler.step(engine.optimizer)
+            scaler.update()
+        else:
+            engine.optimizer.step()
         # MODEL_COMPLETED triggers the trainer's decollation and post-processing (train metrics, loss logging)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
@@ -143,8 +166,8 @@ class LViTSemiIteration:
         if labelled.any():
             sup = self.loss(pred[labelled], label[labelled])
         unl = ~labelled
+        pseudo = self.bank.update(index[unl], pred[unl])  # on every rank, every step: it gathers across ranks
         if unl.any():
-            pseudo = self.bank.update(index[unl], pred[unl])
             lv = lv_loss(pred[unl], self.templates(text[unl]))
             unsup = self.loss(pred[unl], pseudo) + self.alpha * lv
         n_l = labelled.sum().float()

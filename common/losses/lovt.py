@@ -9,13 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "image_positive_weights",
-    "local_intra_sample_contrastive",
-    "global_info_nce",
-    "LoVTLoss",
-    "SmpBinaryDice",
-]
+__all__ = ["image_positive_weights", "local_intra_sample_contrastive", "global_info_nce", "LoVTLoss", "SmpBinaryDice"]
 
 
 def image_positive_weights(height: int, width: int, threshold: float = 0.5, smooth: float = 1.0) -> torch.Tensor:
@@ -158,7 +152,8 @@ class SmpBinaryDice(nn.Module):
 
     Dice over the whole batch (batch and pixel dims), smooth 0, the denominator clamped at >= 1e-7 (smp's
     ``soft_dice_score``); the loss is 0 for a batch without any positive pixel (MONAI
-    ``DiceLoss(batch=True)`` differs there).
+    ``DiceLoss(batch=True)`` differs there). Computed in float32: under AMP the logits are float16, whose
+    pixel sums overflow and whose loss the GradScaler must not get.
     """
 
     def __init__(self, eps: float = 1e-7) -> None:
@@ -166,7 +161,7 @@ class SmpBinaryDice(nn.Module):
         self.eps = eps
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(logits).flatten()
+        p = torch.sigmoid(logits.float()).flatten()
         t = target.to(p.dtype).flatten()
         intersection = (p * t).sum()
         cardinality = (p + t).sum()

@@ -13,9 +13,11 @@ __all__ = ["LViTDiceBCE", "balanced_bce", "lv_loss"]
 def balanced_bce(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """0.5 * mean BCE over positive pixels + 0.5 * mean BCE over negative pixels, pooled over the batch.
 
-    A term whose pixel count is 0 contributes 0 (the official 1e-12 guard).
+    A term whose pixel count is 0 contributes 0 (the official 1e-12 guard). The BCE runs in float32 with
+    autocast off: CUDA autocast refuses ``binary_cross_entropy`` on probabilities ("unsafe to autocast").
     """
-    bce = F.binary_cross_entropy(prob.float(), target.float(), reduction="none")
+    with torch.autocast(prob.device.type, enabled=False):
+        bce = F.binary_cross_entropy(prob.float(), target.float(), reduction="none")
     pos = (target > 0.5).float()
     neg = (target < 0.5).float()
     pos_term = (pos * bce).sum() / (pos.sum() + 1e-12)

@@ -3,16 +3,19 @@ and GAN terms), the MIM soft-target cross-entropy, and deep supervision for the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
     "DeepSupervisionLoss",
+    "LPIPS",
     "MIMLoss",
     "TokenAgreement",
     "TokenizerLoss",
@@ -109,6 +112,8 @@ class TokenizerLoss(nn.Module):
             idx = torch.rand(x.shape[0], d, device=x.device).argsort(dim=1)[:, : self.max_perceptual_slices]
             idx = idx[:, None, :, None, None].expand(-1, x.shape[1], -1, *x.shape[3:])
             x, rec = x.gather(2, idx), rec.gather(2, idx)
+        if isinstance(self.perceptual, nn.Module):
+            self.perceptual.to(x.device)
         return self.perceptual(x.transpose(1, 2).flatten(0, 1), rec.transpose(1, 2).flatten(0, 1)).mean()
 
     @property
@@ -196,13 +201,90 @@ class TokenAgreement(Metric):
     A higher-is-better MIM validation score; ``output_transform`` must give ``(pred, target)`` of shape (M, K).
     """
 
+    @reinit__is_reduced
     def reset(self) -> None:
         self._hits, self._count = 0, 0
 
+    @reinit__is_reduced
     def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
         pred, target = output
         self._hits += int((pred.argmax(dim=-1) == target.argmax(dim=-1)).sum())
         self._count += pred.shape[0]
 
+    @sync_all_reduce("_hits", "_count")  # summed over DDP ranks, so every rank sees the same score
     def compute(self) -> float:
         return self._hits / max(self._count, 1)
+
+
+_VGG16_CFG = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _vgg16_features() -> nn.Sequential:
+    """torchvision's ``vgg16().features`` layout (same state-dict keys), up to ``relu5_3``."""
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for stage, channels in enumerate(_VGG16_CFG):
+        if stage:
+            layers.append(nn.MaxPool2d(2, 2))
+        for out_ch in channels:
+            layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.ReLU(inplace=False)]
+            in_ch = out_ch
+    return nn.Sequential(*layers)
+
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG16 perceptual distance of the official tokenizer loss, from local weight files only.
+
+    ``vgg_weights``: torchvision's VGG16 ImageNet state dict (``features.*`` keys are used);
+    ``lin_weights``: the LPIPS ``vgg.pth`` linear heads (``lin{i}.model.1.weight``). Nothing is downloaded:
+    a missing file is an error. As in the official code, inputs in [-1, 1] are normalised with
+    ``(x - (1 - 2 mean)) / (2 std)`` (sic), features are unit-normalised over channels, squared
+    differences weighted by the 1x1 heads, averaged over space and batch, summed over the 5 stages, times 2.
+    The heads' dropout is left out (the official module is always in eval mode).
+    """
+
+    def __init__(self, vgg_weights: str, lin_weights: str):
+        super().__init__()
+        for name, path in (("vgg_weights", vgg_weights), ("lin_weights", lin_weights)):
+            if not path or not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"LPIPS {name} not found at {path!r}: place the file locally (it is never downloaded), "
+                    "or train without the perceptual term (perceptual: null)."
+                )
+        features = _vgg16_features()
+        state = torch.load(vgg_weights, map_location="cpu", weights_only=True)
+        state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
+        try:
+            features.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{vgg_weights}: not a torchvision VGG16 state dict ({e}).") from None
+        self.stages = nn.ModuleList(
+            [features[s] for s in (slice(4), slice(4, 9), slice(9, 16), slice(16, 23), slice(23, 30))]
+        )
+        lin = torch.load(lin_weights, map_location="cpu", weights_only=True)
+        self.heads = nn.ModuleList([nn.Conv2d(c[-1], 1, 1, bias=False) for c in _VGG16_CFG])
+        for i, head in enumerate(self.heads):
+            key = f"lin{i}.model.1.weight"
+            if key not in lin:
+                raise ValueError(f"{lin_weights}: missing LPIPS head '{key}'.")
+            head.weight.data.copy_(lin[key].reshape(head.weight.shape))
+        mean, std = torch.tensor(_IMAGENET_MEAN), torch.tensor(_IMAGENET_STD)
+        self.register_buffer("shift", (1 - 2 * mean).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", (2 * std).reshape(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> LPIPS:
+        return super().train(False)  # frozen feature extractor: always eval
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = (x - self.shift) / self.scale, (y - self.shift) / self.scale
+        total = x.new_zeros(())
+        for stage, head in zip(self.stages, self.heads):
+            x, y = stage(x), stage(y)
+            nx = x / (x.norm(dim=1, keepdim=True) + 1e-10)
+            ny = y / (y.norm(dim=1, keepdim=True) + 1e-10)
+            total = total + head((nx - ny) ** 2).mean()
+        return 2 * total

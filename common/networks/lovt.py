@@ -29,14 +29,22 @@ __all__ = [
 
 
 class AttentionPool(nn.Module):
-    """Multi-head attention pooling: the (masked) mean of the elements queries the elements.
+    """Multi-head attention pooling: the mean of the elements queries the elements.
 
     Returns the pooled vector and the per-element attention weights averaged over heads, which
-    LoVT uses (with stop-gradient) to weight the local losses.
+    LoVT uses (with stop-gradient) to weight the local losses. Padded elements (``mask`` False) are
+    never attended to. The query, with a mask, is the sum of the valid elements divided by
+
+    - ``"official"`` (default): the number of slots N, padding included, as the official
+      ``GlobalAvgAttentionAggregator`` does (zero-filled padding, then ``mean`` over all slots);
+    - ``"valid"``: the number of valid elements (a report pools the same whatever its batch).
     """
 
-    def __init__(self, dim: int, num_heads: int = 8) -> None:
+    def __init__(self, dim: int, num_heads: int = 8, query_mean: str = "official") -> None:
         super().__init__()
+        if query_mean not in ("official", "valid"):
+            raise ValueError(f"query_mean must be 'official' or 'valid', got {query_mean!r}.")
+        self.query_mean = query_mean
         self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +54,11 @@ class AttentionPool(nn.Module):
             query = x.mean(dim=1, keepdim=True)
         else:
             m = mask.to(x.dtype).unsqueeze(-1)
-            query = (x * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+            total = (x * m).sum(dim=1, keepdim=True)
+            if self.query_mean == "official":
+                query = total / x.shape[1]
+            else:
+                query = total / m.sum(dim=1, keepdim=True).clamp_min(1.0)
             key_padding_mask = ~mask
         pooled, weights = self.attention(
             query, x, x, key_padding_mask=key_padding_mask, need_weights=True, average_attn_weights=True
@@ -148,6 +160,9 @@ def sentence_max_pool(
 class LoVTReportEncoder(nn.Module):
     """BERT-family report encoder: one pass per report, max-pooled sentences, attention pool, projections.
 
+    ``pool_query_mean`` selects the attention-pool query over the padded sentence slots
+    (:class:`AttentionPool`; ``"official"`` divides by the slot count, ``"valid"`` by the sentence count).
+
     The embeddings and the first ``frozen_layers`` transformer layers get ``requires_grad=False``;
     as nothing before them requires grad, autograd builds no graph through them.
     """
@@ -161,13 +176,14 @@ class LoVTReportEncoder(nn.Module):
         d_z: int = 512,
         hidden_dim: int = 2048,
         num_heads: int = 8,
+        pool_query_mean: str = "official",
     ) -> None:
         super().__init__()
         self.bert = build_bert(model_name, revision, random_init)
         self.freeze(frozen_layers)
         dim = self.bert.config.hidden_size
         self.feature_dim = dim
-        self.pool = AttentionPool(dim, num_heads)
+        self.pool = AttentionPool(dim, num_heads, pool_query_mean)
         self.project_local = ProjectionHead(dim, d_z, hidden_dim)
         self.project_global = ProjectionHead(dim, d_z, hidden_dim)
 

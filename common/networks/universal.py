@@ -238,8 +238,11 @@ class UniversalModel(nn.Module):
         backbone: ``"swinunetr"`` (MONAI SwinUNETR) or ``"unet"`` (Models Genesis UNet3D).
         feature_size: SwinUNETR feature size (48 in the paper); ignored by ``unet``.
         encoding: ``"word_embedding"`` (CLIP class embeddings, a buffer) or ``"rand_embedding"`` (ablation).
-        embedding_file: ``[out_channels, 512]`` class-embedding file loaded into ``organ_embedding``. A missing
-            file warns and keeps a seeded random embedding (checkpoints carry the buffer anyway).
+        embedding_file: ``[out_channels, 512]`` class-embedding file loaded into ``organ_embedding``
+            (``txt_encoding.pth``). ``None``: the buffer comes from a checkpoint (inference loads ``model.pt``).
+            A missing file is an error saying how to get it, unless ``allow_random_embedding``.
+        allow_random_embedding: keep a seeded random embedding when ``embedding_file`` is missing (smoke
+            tests and demos only, with a warning); the paper's ablation is ``encoding="rand_embedding"``.
         patch_merging: ``"parity"`` (official sub-grid order, needed for released weights) or ``"fixed"``.
         use_checkpoint: gradient checkpointing in the Swin blocks.
         head_chunk_size: voxels per dynamic-head chunk (0: unchunked); large chunks keep the op count low.
@@ -254,6 +257,7 @@ class UniversalModel(nn.Module):
         feature_size: int = 48,
         encoding: str = "word_embedding",
         embedding_file: str | None = None,
+        allow_random_embedding: bool = False,
         patch_merging: str = "parity",
         use_checkpoint: bool = False,
         head_chunk_size: int = 16384,
@@ -295,16 +299,27 @@ class UniversalModel(nn.Module):
             self.register_buffer("organ_embedding", torch.randn(out_channels, text_dim, generator=gen))
             self.text_to_vision = nn.Linear(text_dim, 256)
             if embedding_file is not None:
-                self.load_embedding(embedding_file)
+                self.load_embedding(embedding_file, allow_random_embedding)
         elif encoding == "rand_embedding":
             self.organ_embedding = nn.Embedding(out_channels, 256)
         else:
             raise ValueError(f"encoding must be 'word_embedding' or 'rand_embedding', got {encoding!r}.")
 
-    def load_embedding(self, path: str | Path) -> None:
-        """Overwrite ``organ_embedding`` from a class-embedding file (official: at train start)."""
+    def load_embedding(self, path: str | Path, allow_random: bool = False) -> None:
+        """Overwrite ``organ_embedding`` from a class-embedding file (official: at train start).
+
+        A missing file raises, naming the two ways to get one; ``allow_random`` keeps the seeded random
+        embedding with a warning instead.
+        """
         if not Path(path).is_file():
-            warnings.warn(f"class-embedding file {path} not found; keeping the seeded random embedding.", stacklevel=2)
+            message = (
+                f"class-embedding file {path} not found. Get the official one (sha256 9de46b0b...) with "
+                "`python -m tools weights clip_driven_universal_ct_segmentation`, or compute it with "
+                "common.text.clip_embed.save_class_embeddings; encoding='rand_embedding' is the paper's ablation."
+            )
+            if not allow_random:
+                raise FileNotFoundError(message)
+            warnings.warn(f"{message} Using a seeded RANDOM embedding (allow_random_embedding=True).", stacklevel=2)
             return
         emb = load_class_embedding(path, self.class_num)
         if emb.shape != self.organ_embedding.shape:

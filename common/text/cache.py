@@ -8,16 +8,49 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from common.core.io import save_atomically
+from ..core.io import save_atomically
 
-__all__ = ["TextEmbeddingCache"]
+__all__ = ["PINNED_REVISIONS", "TextEmbeddingCache", "encoder_key", "is_commit"]
 
 logger = logging.getLogger(__name__)
 _FORMAT = 1
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+#: Hub commits the configs pin (``revision``): a cache key names the exact weights, never a moving branch
+PINNED_REVISIONS = {
+    "bert-base-uncased": "86b5e0934494bd15c9632b12f734a8a67f723594",
+    "emilyalsentzer/Bio_ClinicalBERT": "d5892b39a4adaed74b92212a44081509db72f87b",
+    "openai/clip-vit-base-patch32": "3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268",
+}
+
+
+def is_commit(revision: str | None) -> bool:
+    """Whether ``revision`` is a full Hub commit hash (immutable), not a branch, tag or ``None``."""
+    return revision is not None and bool(_COMMIT.match(revision))
+
+
+def encoder_key(name_or_path: str, revision: str | None) -> str:
+    """Cache-key part naming a text encoder's exact weights: ``name@commit``, or ``name@local`` for a folder.
+
+    A Hub id without a commit (``"main"``, ``None``) still gets a key, with a warning: entries cached under
+    it may come from different weights once the branch moves.
+    """
+    if os.path.isdir(name_or_path):
+        return f"{name_or_path}@local"
+    if not is_commit(revision):
+        logger.warning(
+            "text encoder %s is not pinned to a commit (revision=%r); pin it (e.g. %s) so cached embeddings "
+            "always come from the same weights",
+            name_or_path,
+            revision,
+            PINNED_REVISIONS.get(name_or_path, "a 40-character commit hash"),
+        )
+    return f"{name_or_path}@{revision or 'default'}"
 
 
 class TextEmbeddingCache:

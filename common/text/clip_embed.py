@@ -14,13 +14,15 @@ from collections.abc import Sequence
 
 import torch
 
-from common.core.io import save_atomically
-from common.core.taxonomy import PROMPT_NAMES
+from ..core.io import save_atomically
+from ..core.taxonomy import PROMPT_NAMES
+from .cache import PINNED_REVISIONS
 
-__all__ = ["PROMPT", "compute_class_embeddings", "embedding_sha256", "save_class_embeddings"]
+__all__ = ["DEFAULT_REVISION", "PROMPT", "compute_class_embeddings", "embedding_sha256", "save_class_embeddings"]
 
 PROMPT = "A computerized tomography of a {name}"
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_REVISION = PINNED_REVISIONS[DEFAULT_MODEL]
 
 
 def embedding_sha256(embedding: torch.Tensor) -> str:
@@ -44,6 +46,7 @@ def compute_class_embeddings(
 def save_class_embeddings(
     dst: str,
     model_name: str = DEFAULT_MODEL,
+    revision: str | None = DEFAULT_REVISION,
     model: torch.nn.Module | None = None,
     tokenizer=None,
     names: Sequence[str] = PROMPT_NAMES,
@@ -52,17 +55,19 @@ def save_class_embeddings(
 ) -> str:
     """Compute the class embeddings and save ``{"embedding", "sha256", "model", "prompt", "names"}`` to ``dst``.
 
-    ``model``/``tokenizer`` default to ``CLIPTextModelWithProjection`` / ``CLIPTokenizer`` from ``model_name``
-    (a Hub id or a local folder; the default needs the Hub once). Returns the sha256.
+    ``model``/``tokenizer`` default to ``CLIPTextModelWithProjection`` / ``CLIPTokenizer`` from ``model_name`` at
+    the pinned ``revision`` (a Hub id or a local folder; the default needs the Hub once). ``model`` in the file
+    is ``name@revision``. Returns the sha256.
     """
     if model is None or tokenizer is None:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-        model = CLIPTextModelWithProjection.from_pretrained(model_name)
-        tokenizer = CLIPTokenizer.from_pretrained(model_name)
+        model = CLIPTextModelWithProjection.from_pretrained(model_name, revision=revision)
+        tokenizer = CLIPTokenizer.from_pretrained(model_name, revision=revision)
     emb = compute_class_embeddings(model, tokenizer, names, prompt).to(getattr(torch, dtype))
     digest = embedding_sha256(emb)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    payload = {"embedding": emb, "sha256": digest, "model": model_name, "prompt": prompt, "names": list(names)}
+    source = f"{model_name}@{revision}" if revision else model_name
+    payload = {"embedding": emb, "sha256": digest, "model": source, "prompt": prompt, "names": list(names)}
     save_atomically(payload, dst)
     return digest

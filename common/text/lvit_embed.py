@@ -19,7 +19,7 @@ import torch
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-from common.text.cache import TextEmbeddingCache
+from .cache import TextEmbeddingCache, encoder_key
 
 __all__ = [
     "BertWordEmbedder",
@@ -74,7 +74,7 @@ class BertWordEmbedder:
 
     @property
     def encoder_id(self) -> str:
-        return f"{self.model_name_or_path}@{self.revision or 'default'}|last_layer|max_length={self.max_length}"
+        return f"{encoder_key(self.model_name_or_path, self.revision)}|last_layer|max_length={self.max_length}"
 
     def _load(self) -> None:
         from transformers import AutoModel, AutoTokenizer
@@ -163,19 +163,34 @@ class LViTTextEmbedder:
     def encoder_calls(self) -> int:
         return self.word_embedder.calls
 
-    def _fixed_length(self, words: torch.Tensor, text: str) -> torch.Tensor:
+    def _fixed_length(self, words: torch.Tensor) -> torch.Tensor:
         if words.shape[0] < self.num_tokens:
-            logger.info("text has %d < %d words, zero-padded: %r", words.shape[0], self.num_tokens, text)
             words = torch.cat([words, words.new_zeros(self.num_tokens - words.shape[0], words.shape[1])])
         return words[: self.num_tokens]
 
-    def _compute(self, texts: list[str]) -> list[torch.Tensor]:
-        return [self._fixed_length(w, t) for w, t in zip(self.word_embedder(texts), texts, strict=True)]
+    def _fill(self, texts: list[str]) -> None:
+        """Embed the texts missing from the cache; one log line counts those zero-padded to ``num_tokens``."""
+        padded: list[str] = []
+
+        def compute(batch: list[str]) -> list[torch.Tensor]:
+            words = self.word_embedder(batch)
+            padded.extend(t for w, t in zip(words, batch, strict=True) if w.shape[0] < self.num_tokens)
+            return [self._fixed_length(w) for w in words]
+
+        added = self.cache.fill(texts, compute, self.batch_size)
+        if padded:
+            logger.info(
+                "%d of %d newly embedded texts have fewer than %d words and were zero-padded (e.g. %r)",
+                len(padded),
+                added,
+                self.num_tokens,
+                padded[0],
+            )
 
     def embed(self, descriptions: Sequence[str]) -> torch.Tensor:
         """``[N, L, D]`` float32 for raw descriptions (prepared with :func:`lvit_text`)."""
         texts = [lvit_text(d) for d in descriptions]
-        self.cache.fill(texts, self._compute, self.batch_size)
+        self._fill(texts)
         return torch.stack([self.cache.get(t) for t in texts])
 
     def __call__(self, description: str) -> torch.Tensor:
@@ -184,7 +199,7 @@ class LViTTextEmbedder:
     def prepare(self, datalist: Sequence[Mapping[Hashable, Any]], key: str = "text") -> Sequence[Mapping]:
         """Embed every description of ``datalist`` not yet cached (one encoder pass), save, return the datalist."""
         texts = [lvit_text(d[key]) for d in datalist if isinstance(d.get(key), str)]
-        self.cache.fill(texts, self._compute, self.batch_size)
+        self._fill(texts)
         return datalist
 
 

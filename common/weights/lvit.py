@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 
 import torch
 
-__all__ = ["DEAD_KEY_PATTERN", "load_lvit_from_unet", "load_lvit_official", "official_state_dict"]
+from .io import read_checkpoint, state_dict_of
+
+__all__ = ["DEAD_KEY_PATTERN", "load_lvit_from_unet", "load_lvit_official", "load_stage_a", "official_state_dict"]
 
 #: parameters/buffers the official model builds but never uses in its forward pass
 DEAD_KEY_PATTERN = re.compile(
@@ -56,3 +59,17 @@ def load_lvit_from_unet(model: torch.nn.Module, obj: Mapping) -> list[str]:
         raise ValueError("no U-Net tensor matches an LViT tensor by name and shape")
     model.load_state_dict(copied, strict=False)
     return sorted(copied)
+
+
+def load_stage_a(network: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Start semi-supervised stage B from the supervised stage-A weights at ``path`` (strict load).
+
+    A missing file is an error: stage B never starts from random weights.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no stage-A checkpoint. Run stage A first (configs/train.json + configs/train_labelled.json) "
+            f"and copy its models/model.pt to {path}; stage B never starts from random weights."
+        )
+    network.load_state_dict(state_dict_of(read_checkpoint(path), path), strict=True)
+    return network

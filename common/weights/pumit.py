@@ -1,10 +1,11 @@
 """Load PUMIT checkpoints (ours or the official Lightning layout) into our tokenizer / ViT / MIM networks.
 
-Official key layout (``function2-llx/PUMIT`` master): ``SimpleVQTokenizer`` has ``encoder.<i>``,
+Official key layout (``function2-llx/PUMIT`` master): ``SimpleVQTokenizer`` has ``encoder.<i>`` (its
+``LayerNormNd`` is ``Sequential(ChannelLast, LayerNorm, ChannelFirst, Contiguous)``, so ``encoder.<i>.1.weight``),
 ``decoder.<i>`` (the upsample blocks as ``transposed_conv`` + ``conv.<j>``) and ``quantize.{embedding,proj}``;
 ``ViT`` / ``ViTForMIM`` have ``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.<i>...``,
 ``norm``, ``mask_token``, ``mim_head`` and non-persistent-by-intent ``rope`` buffers. Checkpoints are
-read with ``torch.load(weights_only=True)``.
+read with :func:`common.weights.io.read_checkpoint` (``weights_only``; Lightning extras load as placeholders).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import re
 import torch
 from torch import nn
 
-from common.networks.pumit.sac import adapt_in_channels, collapse_depth
-from common.networks.pumit.tokenizer import Tokenizer
-from common.networks.pumit.vit import ViT
+from ..networks.pumit.sac import adapt_in_channels, collapse_depth
+from ..networks.pumit.tokenizer import Tokenizer
+from ..networks.pumit.vit import ViT
+from .io import read_checkpoint, state_dict_of
 
 __all__ = [
     "convert_official_tokenizer",
@@ -32,20 +34,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _UPSAMPLE = re.compile(r"^decoder\.(\d+)\.(transposed_conv|conv\.(\d+))\.(.+)$")
+_LAYER_NORM_ND = re.compile(r"^encoder\.(\d+)\.1\.(weight|bias)$")
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A flat state dict from ``path``: unwraps ``model`` / ``state_dict`` / ``module`` entries."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "module"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-            break
-    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ValueError(f"{path}: not a state dict of tensors.")
-    return ckpt
+    """A flat state dict from ``path``: unwraps Lightning ``state_dict`` / Fabric ``model`` / ``module`` entries."""
+    return state_dict_of(read_checkpoint(path), path, keys=("state_dict", "model", "module"))
 
 
 def convert_official_tokenizer(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -55,6 +49,9 @@ def convert_official_tokenizer(sd: dict[str, torch.Tensor]) -> dict[str, torch.T
         k = k.removeprefix("tokenizer.").removeprefix("model.")
         if k.startswith("quantize.embed."):
             k = k.replace("quantize.embed.", "quantize.embedding.")
+        m = _LAYER_NORM_ND.match(k)
+        if m:  # LayerNormNd's LayerNorm -> our ChannelLayerNorm
+            k = f"encoder.{m.group(1)}.{m.group(2)}"
         m = _UPSAMPLE.match(k)
         if m:
             idx = 0 if m.group(2) == "transposed_conv" else int(m.group(3)) + 1
@@ -106,8 +103,9 @@ def load_tokenizer(tokenizer: Tokenizer, path: str) -> Tokenizer:
     """The stage-1 tokenizer for MIM (a clear error when stage 1 has not been run)."""
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{path}: no tokenizer checkpoint; run stage 1 (configs/train.json + configs/train_tokenizer.json) first "
-            "or point 'tokenizer_ckpt' at the released simple-soft tokenizer."
+            f"{path}: no tokenizer checkpoint; run stage 1 (configs/train.json + configs/train_tokenizer.json) first, "
+            "or get the released simple-soft tokenizer with `python -m tools weights pumit_pretraining` and point "
+            "'tokenizer_ckpt' at it. MIM never starts from a random tokenizer."
         )
     return load_weights(tokenizer, path)
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
+from .io import read_checkpoint
+
 # Present in checkpoints saved by older MONAI, unused at inference, rejected by strict loading today
 # (research-contributions issue #170).
 OBSOLETE_UNETR_KEYS = (
@@ -40,7 +42,7 @@ def load_unetr_reference(
     ``strict=False`` additionally skips tensors whose shape differs (e.g. ``encoder1`` / ``out`` after
     changing ``in_channels`` / ``out_channels``) instead of failing; everything else must still match.
     """
-    state = reference_state_dict(torch.load(path, map_location="cpu", weights_only=True), key_in_ckpt)
+    state = reference_state_dict(read_checkpoint(path), key_in_ckpt)
     skipped: list[str] = []
     if not strict:
         own = network.state_dict()

@@ -7,11 +7,12 @@ once the prefix is stripped, so conversion is key editing plus a strict check.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from .io import read_checkpoint
 
 __all__ = ["load_swin_init", "official_state_dict"]
 
@@ -19,11 +20,7 @@ _CONTAINER_KEYS = ("net", "state_dict", "model")
 
 
 def _read(src: str | Mapping[str, Any]) -> Mapping[str, Any]:
-    if isinstance(src, Mapping):
-        return src
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f"Universal Model checkpoint not found: {src}")
-    return torch.load(src, map_location="cpu", weights_only=True)
+    return src if isinstance(src, Mapping) else read_checkpoint(src)
 
 
 def _unwrap(obj: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-import torch
-
+from common.core.io import save_atomically
+from common.weights.io import read_checkpoint
 from common.weights.unetr import reference_state_dict
 
 
@@ -13,6 +13,6 @@ def convert(src: str, dst: str, key_in_ckpt: str | None = None) -> None:
     """Write the flat, current-MONAI state dict of ``src`` to ``dst`` (never over an existing file)."""
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} exists; choose another destination")
-    state = reference_state_dict(torch.load(src, map_location="cpu", weights_only=True), key_in_ckpt)
-    torch.save(state, dst)
+    state = reference_state_dict(read_checkpoint(src), key_in_ckpt)
+    save_atomically(state, dst)
     print(f"wrote {dst}: {len(state)} tensors from {src}")

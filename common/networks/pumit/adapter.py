@@ -60,7 +60,8 @@ class ViTSegmenter(nn.Module):
 
     Full-resolution stages (``full_res_channels``, kernels (1, 3, 3), in-plane stride (1, 2, 2)) encode
     the image itself at 1x and 1/2 in-plane; the third joins the finest ViT level. 1x1 laterals map the
-    ViT maps to ``decoder_channels``. Input in [0, 1] is scaled to ``2x - 1``. Training returns the
+    ViT maps to ``decoder_channels``. Input in [0, 1] is scaled to ``2x - 1`` (BTCV); ``rescale_input=False``
+    takes already normalised input (CHAOS: z-scored channels). Training returns the
     main logits followed by ``num_deep_supervision - 1`` coarser ones; eval returns the main logits only.
     """
 
@@ -72,8 +73,10 @@ class ViTSegmenter(nn.Module):
         decoder_channels: Sequence[int] = (128, 256, 512, 512),
         full_res_channels: Sequence[int] = (32, 64, 128),
         num_deep_supervision: int = 4,
+        rescale_input: bool = True,
     ):
         super().__init__()
+        self.rescale_input = rescale_input
         self.adapter = SimpleViTAdapter(vit, out_indexes)
         in_ch = vit.patch_embed.in_channels
         dim = vit.embed_dim
@@ -97,7 +100,8 @@ class ViTSegmenter(nn.Module):
         self.heads = nn.ModuleList([UnetOutBlock(3, levels[i], num_classes) for i in range(num_deep_supervision)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        x = 2 * x - 1
+        if self.rescale_input:
+            x = 2 * x - 1
         f0 = self.full_res[0](x)
         f1 = self.full_res[1](f0)
         f2 = self.full_res[2](f1)

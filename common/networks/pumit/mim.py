@@ -28,11 +28,7 @@ class ViTForMIM(nn.Module):
     """
 
     def __init__(
-        self,
-        vit: ViT,
-        tokenizer: Tokenizer,
-        mask_ratio: float = 0.55,
-        mask_layer_ids: Sequence[int] | None = None,
+        self, vit: ViT, tokenizer: Tokenizer, mask_ratio: float = 0.55, mask_layer_ids: Sequence[int] | None = None
     ):
         super().__init__()
         if not 0 < mask_ratio < 1:

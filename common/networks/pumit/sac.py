@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.core.spacing import ANISO_D_2D, aniso_d_from_spacing
+from ...core.spacing import ANISO_D_2D, aniso_d_from_spacing
 
 __all__ = [
     "ANISO_D_2D",

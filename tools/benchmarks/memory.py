@@ -1,0 +1,116 @@
+"""Peak resident memory of MONAI Label's 1-epoch training and of inference for a 3D bundle at its real config.
+
+``python -m tools benchmark memory --bundle unetr_btcv_segmentation``: two CT-sized phantoms (512x512x100
+voxels at 0.76x0.76x3 mm, int16, like a BTCV scan) are written to ``--data_dir``; training then runs as
+MONAI Label's ``BundleTrainTask`` calls it (``monai.bundle.run`` with ``run_id=""`` and no init/final
+ids, one training and one validation image, ``max_epochs`` 1, CPU) and inference runs ``inference.json``
+on one image. Each phase is its own process; its peak RSS (largest process) and the peak of the summed
+RSS of the process and its DataLoader workers (sampled every 0.2 s) are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from common.demo.btcv import write_btcv_demo
+from tools.benchmarks._harness import print_table
+from tools.bundle_io import BUNDLES_DIR
+
+RUN = """
+import json, os, sys
+from monai.bundle import run
+root, configs, overrides = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+sys.path.insert(0, root)
+meta = os.path.join(root, "configs", "metadata.json")
+paths = [os.path.join(root, "configs", c) for c in configs]
+model = overrides.pop("init_weights", None)
+if model and not os.path.exists(model):  # inference without a trained checkpoint: random weights, same memory
+    import torch
+    from monai.bundle import ConfigParser
+    parser = ConfigParser()
+    parser.read_config(paths)
+    parser.update({"bundle_root": root})
+    os.makedirs(os.path.dirname(model), exist_ok=True)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), model)
+run(run_id=overrides.pop("run_id"), init_id=overrides.pop("init_id", "initialize"),
+    final_id=overrides.pop("final_id", "finalize"), meta_file=meta,
+    config_file=paths, **overrides)
+"""
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """Summed VmRSS of ``pid`` and its descendants (Linux ``/proc``)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def _measure(root: str, configs: list[str], overrides: dict) -> dict:
+    command = [sys.executable, "-c", RUN, root, json.dumps(configs), json.dumps(overrides)]
+    env = {**os.environ, "PYTHONPATH": ""}
+    start, peak_tree = time.perf_counter(), 0
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaped here: usage is this phase's alone
+            if pid:
+                break
+            peak_tree = max(peak_tree, _tree_rss_kb(proc.pid))
+            time.sleep(0.2)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            log.seek(0)
+            raise RuntimeError(f"{configs} failed:\n{log.read()[-4000:]}")
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss / 1024**2, "tree_gb": peak_tree / 1024**2}
+
+
+def main(
+    bundle: str = "unetr_btcv_segmentation",
+    data_dir: str | None = None,
+    phases: str = "train,infer",
+    shape: str = "512,512,100",
+    num_workers: int | None = None,
+) -> list[dict]:
+    root = os.path.join(BUNDLES_DIR, bundle) if not os.path.isdir(bundle) else os.path.abspath(bundle)
+    data_dir = data_dir or os.path.join(tempfile.gettempdir(), f"ct_phantoms_{shape.replace(',', 'x')}")
+    size = tuple(int(s) for s in shape.split(","))
+    write_btcv_demo(data_dir, num_training=1, num_validation=1, num_test=1, shape=size, spacing=(0.76, 0.76, 3.0))
+    with open(os.path.join(data_dir, "dataset_0.json")) as f:
+        split = json.load(f)
+    records = [{k: os.path.join(data_dir, v) for k, v in r.items()} for r in split["training"] + split["validation"]]
+    rows = []
+    extra = {} if num_workers is None else {"num_workers": num_workers}
+    for phase in [p.strip() for p in phases.split(",") if p.strip()]:
+        if phase == "train":
+            overrides = {"run_id": "", "init_id": None, "final_id": None, "bundle_root": root, "device": "cpu"}
+            overrides |= {"train#trainer#max_epochs": 1, "train#dataset#data": records[:1]}
+            overrides |= {"validate#dataset#data": records[1:2], "ckpt_dir": os.path.join(data_dir, "models")}
+            overrides |= {"output_dir": os.path.join(data_dir, "eval"), "use_tensorboard": False, **extra}
+            result = _measure(root, ["train.json"], overrides)
+        elif phase == "infer":
+            overrides = {"run_id": "run", "bundle_root": root, "dataset_dir": data_dir, "device": "cpu"}
+            overrides |= {"output_dir": os.path.join(data_dir, "eval")}
+            overrides |= {"ckpt_dir": os.path.join(data_dir, "models")}  # the checkpoint training wrote, if any
+            overrides |= {"init_weights": os.path.join(data_dir, "models", "model.pt")}
+            result = _measure(root, ["inference.json"], overrides)
+        else:
+            raise SystemExit(f"unknown phase {phase!r}; use train and/or infer")
+        rows.append({"bundle": os.path.basename(root), "phase": phase, **result})
+    print_table(
+        f"peak memory, {shape} CT phantoms, CPU", rows, ["bundle", "phase", "seconds", "peak_rss_gb", "tree_gb"]
+    )
+    return rows
