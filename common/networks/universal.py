@@ -245,7 +245,7 @@ class UniversalModel(nn.Module):
             tests and demos only, with a warning); the paper's ablation is ``encoding="rand_embedding"``.
         patch_merging: ``"parity"`` (official sub-grid order, needed for released weights) or ``"fixed"``.
         use_checkpoint: gradient checkpointing in the Swin blocks.
-        head_chunk_size: voxels per dynamic-head chunk (0: unchunked).
+        head_chunk_size: voxels per dynamic-head chunk (0: unchunked); large chunks keep the op count low.
         text_dim: class-embedding width (CLIP ViT-B/32: 512).
     """
 
@@ -260,7 +260,7 @@ class UniversalModel(nn.Module):
         allow_random_embedding: bool = False,
         patch_merging: str = "parity",
         use_checkpoint: bool = False,
-        head_chunk_size: int = 512,
+        head_chunk_size: int = 16384,
         text_dim: int = 512,
         depths: Sequence[int] = (2, 2, 2, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),

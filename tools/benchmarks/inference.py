@@ -35,7 +35,7 @@ class Case:
     sliding_window: bool = False
     network_key: str = "network_def"
     overrides: dict = field(default_factory=dict)
-    config: str = "inference.json"
+    configs: tuple[str, ...] = ("inference.json",)
     bundle: str | None = None  # take the network from another bundle's configs
 
 
@@ -47,7 +47,11 @@ CASES = {
     "lovt_cxr_segmentation": Case(((1, 3, 224, 224),), "sigmoid", overrides={"pretrained_encoder": None}),
     # the PUMIT ViT-B backbone (pretraining layout: 3 channels, 16^3 SAC patches -> 5x10x10 tokens)
     "pumit_btcv_segmentation": Case(
-        ((1, 3, 80, 160, 160),), "features", network_key="vit_def", config="train_mim.json", bundle="pumit_pretraining"
+        ((1, 3, 80, 160, 160),),
+        "features",
+        network_key="vit_def",
+        configs=("train.json", "train_mim.json"),
+        bundle="pumit_pretraining",
     ),
 }
 CASES["pumit_pretraining"] = CASES["pumit_btcv_segmentation"]
@@ -55,7 +59,7 @@ CASES["pumit_pretraining"] = CASES["pumit_btcv_segmentation"]
 
 def _build(bundle: str, case: Case):
     source = os.path.join(BUNDLES_DIR, case.bundle or bundle)
-    parser = parse_bundle(source, [case.config], **case.overrides)
+    parser = parse_bundle(source, list(case.configs), **case.overrides)
     torch.manual_seed(0)
     network = parser.get_parsed_content(case.network_key).eval()
     inputs = [torch.rand(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(case.inputs)]
