@@ -15,6 +15,7 @@ feed_forward=False, bias_downsample=False)`` and into :class:`common.networks.lo
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ from ignite.engine import Engine, Events
 from ..core.distributed import is_main_process, unwrap_module
 from ..core.io import save_atomically
 from .io import read_checkpoint, state_dict_of
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "extract_lovt_image_encoder",
@@ -122,7 +125,16 @@ def image_encoder_weights(src: str | Mapping[str, Any] | None) -> dict[str, torc
 
     Configs pass this to ``LoVTSegNet(encoder_weights=...)``, so the network itself never reads files.
     """
-    return None if src is None else extract_lovt_image_encoder(src)
+    if src is None:
+        logger.warning("LoVT image encoder: pretrained_encoder is null, so it starts from random initialisation")
+        return None
+    if isinstance(src, str) and not os.path.isfile(src):
+        raise FileNotFoundError(
+            f"{src}: no pretrained LoVT encoder; train lovt_mimic_cxr_pretraining (it writes resnet50_encoder.pt) "
+            "or convert an official checkpoint with `python -m tools convert lovt SRC DST`; "
+            "set pretrained_encoder to null to train from random initialisation"
+        )
+    return extract_lovt_image_encoder(src)
 
 
 def export_image_encoder(src: str | Mapping[str, Any], dst: str) -> str:
