@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-__all__ = ["write_btcv_pretraining_datalist", "write_medmnist_demo", "write_pretraining_demo"]
+__all__ = ["write_btcv_pretraining_datalist", "write_chaos_demo", "write_medmnist_demo", "write_pretraining_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,4 +144,31 @@ def write_medmnist_demo(
         arrays[f"{split}_images"] = np.stack(images)
         arrays[f"{split}_labels"] = labels[:, None].astype(np.int64)
     np.savez_compressed(os.path.join(dataset_dir, f"{name}.npz"), **arrays)
+    return dataset_dir
+
+
+def write_chaos_demo(
+    dataset_dir: str, num_cases: int = 4, shape: tuple[int, int, int] = (48, 48, 8), seed: int = 0
+) -> str:
+    """CHAOS MR layout ``Train/<case>/{T1DUAL,T2SPIR}/{image,label}.nii.gz`` of blob phantoms.
+
+    T1DUAL images carry in/out phase as 2 channels (last axis), T2SPIR one; labels are 0..4 (liver, kidneys,
+    spleen) inside the blobs, spacing (1.6, 1.6, 9) mm as the real scans. Returns ``dataset_dir``.
+    """
+    if _refuse_foreign(dataset_dir, "Train"):
+        return dataset_dir
+    rng = np.random.default_rng(seed)
+    affine = np.diag([1.6, 1.6, 9.0, 1.0])
+    for case in range(1, num_cases + 1):
+        for seq, channels in (("T1DUAL", 2), ("T2SPIR", 1)):
+            folder = os.path.join(dataset_dir, "Train", str(case), seq)
+            os.makedirs(folder)
+            label = np.zeros(shape, np.uint8)
+            for organ in range(1, 5):
+                label[_blobs(rng, shape, n=1) > 0.4] = organ
+            phases = [100 + 80 * label + 10 * rng.standard_normal(shape) * (c + 1) for c in range(channels)]
+            image = np.stack(phases, -1).astype(np.float32) if channels > 1 else phases[0].astype(np.float32)
+            nib.save(nib.Nifti1Image(image, affine), os.path.join(folder, "image.nii.gz"))
+            nib.save(nib.Nifti1Image(label, affine), os.path.join(folder, "label.nii.gz"))
+    logger.info("wrote %d CHAOS demo cases to %s", num_cases, dataset_dir)
     return dataset_dir
