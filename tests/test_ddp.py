@@ -91,11 +91,25 @@ def _in_process_checks(rank: int, out_dir: str) -> None:
     _lovt_rank(rank, out_dir)
 
 
+def run_in_process_checks(out_dir: str) -> None:
+    """Entry point of the helper process below: spawn the 2 ranks of the in-process checks."""
+    _spawn(_in_process_checks, out_dir)
+
+
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    """Output folder of one 2-rank run of the in-process checks (a spawn costs a full import per rank)."""
+    """Output folder of one 2-rank run of the in-process checks (a spawn costs a full import per rank).
+
+    The ranks are spawned from a fresh helper process, not from the pytest(-xdist) worker: a worker that has
+    already loaded other tests' native libraries can die while spawning, which takes its other tests with it.
+    """
     out = tmp_path_factory.mktemp("ddp")
-    _spawn(_in_process_checks, out)
+    code = f"from tests.test_ddp import run_in_process_checks; run_in_process_checks({str(out)!r})"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=2 * JOIN_TIMEOUT + 60
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
 
