@@ -17,8 +17,9 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
+
+from ..core.io import write_atomically
 
 __all__ = ["segmentation_datalist", "dataset_statistics", "normalization_statistics", "save_normalization"]
 
@@ -157,15 +158,6 @@ def normalization_statistics(pixel_mean: float, pixel_std: float, statistics_fil
 
 def save_normalization(stats: dict, path: str) -> str:
     """Write ``{"pixel_mean", "pixel_std"}`` to ``path`` atomically (temp file + rename); return ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pixel_mean": stats["pixel_mean"], "pixel_std": stats["pixel_std"]}, f, indent=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    values = {"pixel_mean": stats["pixel_mean"], "pixel_std": stats["pixel_std"]}
+    write_atomically(path, lambda f: json.dump(values, f, indent=4), binary=False)
     return path
