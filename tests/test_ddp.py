@@ -229,7 +229,9 @@ SHORT = ["--train#trainer#epoch_length", "2", "--validate#evaluator#epoch_length
 # every rank writes its weights at the end, to compare them
 SAVE_WEIGHTS = {
     "+finalize": [
-        "$torch.save(@network_def.state_dict(), os.path.join(@ckpt_dir, 'rank' + os.environ['RANK'] + '.pt'))"
+        # only rank 0's checkpoint handlers create ckpt_dir, and rank 1 may get here first
+        "$os.makedirs(@ckpt_dir, exist_ok=True)",
+        "$torch.save(@network_def.state_dict(), os.path.join(@ckpt_dir, 'rank' + os.environ['RANK'] + '.pt'))",
     ]
 }
 

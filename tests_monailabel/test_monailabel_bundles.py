@@ -65,17 +65,24 @@ def _merge_demo(root: str, config: str, dataset_dir: str, real_size: bool = Fals
         merged = ConfigParser.load_config_files(paths)
     merged["dataset_dir"] = dataset_dir
     for key, value in (append or {}).items():
-        merged[key] = merged.get(key, []) + value
+        merged[key] = merged.get(key, []) + value if isinstance(value, list) else value
     with open(paths[0], "w") as f:
         json.dump(merged, f, indent=4)
 
 
 def _count_trainer_runs(path: str) -> dict:
-    """Additions to ``train.json`` that append a line to ``path`` each time the trainer starts a run."""
+    """Additions to ``train.json`` that append a line to ``path`` each time the trainer starts a run.
+
+    The handler is attached once even when ``initialize`` is evaluated twice (MONAI's ``run`` with ``run_id ""``
+    and ``init_id=None``, as MONAI Label calls it, evaluates every top-level list, ``initialize`` included).
+    """
     started = f"lambda engine: open({path!r}, 'a').write('started\\n')"
+    attach = "@train#trainer.add_event_handler(ignite.engine.Events.STARTED, @count_trainer_runs)"
+    attached = "@train#trainer.has_event_handler(@count_trainer_runs, ignite.engine.Events.STARTED)"
     return {
         "imports": ["$import ignite"],
-        "initialize": [f"$@train#trainer.add_event_handler(ignite.engine.Events.STARTED, {started})"],
+        "count_trainer_runs": f"${started}",
+        "initialize": [f"${attached} or {attach}"],
     }
 
 
