@@ -7,6 +7,7 @@ is any Hugging Face BERT-family model encoding all sentences of a report in one 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
@@ -26,6 +27,8 @@ __all__ = [
     "build_bert",
     "LoVTSegNet",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class AttentionPool(nn.Module):
@@ -103,7 +106,12 @@ class LoVTImageEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = ResNetFeatures("resnet50", pretrained=False, spatial_dims=2, in_channels=3)
-        if pretrained_backbone is not None:
+        if pretrained_backbone is None:
+            logger.warning(
+                "LoVT ResNet50: pretrained_backbone is null, so it starts from random initialisation "
+                "(the paper starts from torchvision's ImageNet weights; pass their file to follow it)"
+            )
+        else:
             state = torch.load(pretrained_backbone, map_location="cpu", weights_only=True)
             self.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
         self.feature_dim = 2048
