@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 from monai.networks.nets import UNETR
+from monai.transforms import Invertd, Resized
 
 from common.engines import backends
 from common.engines.backends import BackendInferer, CompiledNetwork, EngineError
@@ -205,3 +208,48 @@ def test_benchmark_agreement_metrics():
     assert result["dice"] == pytest.approx((2 * 8 / 18 + 2 * 10 / 22) / 2)
     same = _agreement(torch.sigmoid(ref), torch.sigmoid(ref), "sigmoid")
     assert same == {"max_abs_diff": 0.0, "label_agreement": 1.0, "dice": 1.0}
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_engine_output_keeps_the_input_trace_so_invertd_restores_the_size(backend, tmp_path):
+    """2D bundles (and MONAI Label) undo ``Resized`` with ``Invertd``, which reads the trace off the prediction."""
+    pytest.importorskip(backend)
+    preprocessing = Resized(keys="image", spatial_size=(16, 16))
+    data = preprocessing({"image": MetaTensor(torch.rand(3, 32, 24))})
+    network = torch.nn.Conv2d(3, 1, 3, padding=1).eval()
+    engine = BackendInferer(SimpleInferer(), backend, cache_dir=str(tmp_path), fallback=False)
+    with torch.no_grad():
+        data["pred"] = engine(data["image"][None], network)[0]
+    assert isinstance(data["pred"], MetaTensor)
+    restored = Invertd(keys="pred", transform=preprocessing, orig_keys="image")(data)["pred"]
+    assert restored.shape == (1, 32, 24)
+
+
+_FORK_AFTER_ENGINE = """
+import gc, os, sys, time
+import torch
+from common.engines.backends import CompiledNetwork
+engine = CompiledNetwork(torch.nn.Conv2d(1, 1, 3).eval(), "openvino", cache_dir=sys.argv[1])
+engine(torch.rand(1, 1, 8, 8))
+pid = os.fork()
+if pid == 0:  # a DataLoader worker: the parent's engine is freed here by the garbage collector
+    del engine
+    gc.collect()
+    os._exit(0)
+deadline = time.time() + 60
+while time.time() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(os.waitstatus_to_exitcode(status))
+    time.sleep(0.2)
+os.kill(pid, 9)
+sys.exit("the forked child hung freeing the parent's engine")
+"""
+
+
+def test_engine_freed_in_a_forked_child_does_not_hang_it(tmp_path):
+    """MONAI Label trains (forking DataLoader workers) in the process that compiled engines to serve labels."""
+    result = subprocess.run(
+        [sys.executable, "-c", _FORK_AFTER_ENGINE, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -32,7 +32,7 @@ from tests.test_amp import write_previous_stage
 from tools.bundle_io import BUNDLES_DIR, REPO_ROOT, on_sys_path
 
 WORLD = 2
-JOIN_TIMEOUT = 120
+JOIN_TIMEOUT = 300  # spawned ranks import torch + monai; a loaded 2-core CI machine needs minutes
 
 
 def _free_port() -> int:

@@ -4,7 +4,7 @@ This runs in its own environment (``.venv-monailabel``, created by ``.ci/run``) 
 ``monailabel`` package pins its own torchvision; the main test run never collects this folder.
 Each bundle is placed as ``<app>/model/<name>`` the way the monaibundle sample app installs it, with
 its demo overlay merged into ``train.json``/``inference.json`` (the small network its demo weights fit).
-``BundleTrainTask`` trains one epoch from a ``LocalDatastore`` with the overrides MONAI Label applies
+``BundleTrainTask`` trains two epochs from a ``LocalDatastore`` with the overrides MONAI Label applies
 (``train#dataset#data``, ``train#trainer#max_epochs``, ``device``, a prepended ``CheckpointLoader``);
 ``BundleInferTask`` then labels a demo image, and the label must come back in the input's geometry.
 Training counts its trainer runs (MONAI Label's ``run_id: ""`` resolves every top-level entry: exactly
@@ -59,7 +59,8 @@ def _merge_demo(root: str, config: str, dataset_dir: str, real_size: bool = Fals
     paths = [os.path.join(root, "configs", n) for n in (config, "demo.json")]
     if real_size:
         merged = ConfigParser.load_config_files(paths[0])
-        demo = ConfigParser.load_config_files(paths[1])
+        with open(paths[1]) as f:  # raw: the overlay's ``network_def#...`` keys only resolve on top of the config
+            demo = json.load(f)
         merged.update({k: v for k, v in demo.items() if k in DATA_KEYS})
     else:
         merged = ConfigParser.load_config_files(paths)
@@ -188,7 +189,8 @@ def test_train_then_infer_in_monailabel(bundle, demo_data_dirs, tmp_path, tmp_pa
     if "train" in tasks:
         trainer = BundleTrainTask(root, {})
         assert trainer.is_valid()
-        request = {"model": os.path.basename(root), "max_epochs": 1, "device": "cpu", "val_split": 0.5}
+        # 2 epochs: UNETR's official warm-up trains epoch 0 at learning rate 0
+        request = {"model": os.path.basename(root), "max_epochs": 2, "device": "cpu", "val_split": 0.5}
         request.update(multi_gpu=False, pretrained=True, run_id="")  # run_id "" is what MONAI Label's clients send
         trainer(request, _datastore(records, str(tmp_path / "datastore")))
         with open(runs_file) as f:
@@ -196,7 +198,7 @@ def test_train_then_infer_in_monailabel(bundle, demo_data_dirs, tmp_path, tmp_pa
         trained = torch.load(os.path.join(root, "models", "model.pt"), map_location="cpu", weights_only=True)
         trained = trained.get("model", trained)
         assert trained.keys() == initial.keys(), "model.pt keys must equal network_def's (loaded non-strictly)"
-        assert any(not torch.equal(trained[k], initial[k]) for k in initial), "one epoch must change the weights"
+        assert any(not torch.equal(trained[k], initial[k]) for k in initial), "training must change the weights"
     _infer(root, records[0]["image"])
 
 

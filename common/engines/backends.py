@@ -13,17 +13,21 @@ each window shape compiles once. ``backend="torch"`` keeps the eager path (with 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
 
 from .inferers import AutocastInferer, _to_float
 
@@ -40,6 +44,9 @@ _OPENVINO_HINT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 _ONNX_OPSET = 17
 _CACHE_FORMAT = 1
 logger = logging.getLogger(__name__)
+# engines alive in this process; a forked child (a DataLoader worker) must neither use nor destroy them
+_LIVE_ENGINES: weakref.WeakSet = weakref.WeakSet()
+_ORPHANED_IN_CHILD: list = []
 
 
 class EngineError(RuntimeError):
@@ -120,6 +127,7 @@ class CompiledNetwork:
         self.weights = weights_hash(network)
         self._fingerprint = _weights_fingerprint(network)
         self._sessions: dict[tuple, Any] = {}
+        _LIVE_ENGINES.add(self)
 
     def is_current(self) -> bool:
         """Whether the network's weights are still those this engine was built from."""
@@ -199,17 +207,14 @@ class CompiledNetwork:
             session = onnxruntime.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
             names = [i.name for i in session.get_inputs()]
             return lambda arrays: session.run(None, dict(zip(names, arrays)))
-        import openvino
-
-        core = openvino.Core()
-        core.set_property({"CACHE_DIR": os.path.join(self.cache_dir, "openvino")})
         config = {
+            "CACHE_DIR": os.path.join(self.cache_dir, "openvino"),
             "INFERENCE_PRECISION_HINT": _OPENVINO_HINT[self.precision],
             "INFERENCE_NUM_THREADS": self.threads,
             "PERFORMANCE_HINT": "LATENCY",
             **self.engine_config,
         }
-        compiled = core.compile_model(onnx_path, "CPU", config)
+        compiled = _openvino_core().compile_model(onnx_path, "CPU", config)
         granted = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
         if _OPENVINO_HINT[self.precision] not in granted and self.precision not in granted:
             logger.warning("openvino: this CPU cannot run %s; it runs %s instead", self.precision, granted)
@@ -233,6 +238,35 @@ class CompiledNetwork:
         overall = sum(totals.values()) or 1.0
         ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
         return [f"{node} [{kernel}] {t:.3f} s ({100 * t / overall:.0f}%)" for (node, kernel), t in ranked]
+
+
+@functools.cache
+def _openvino_core() -> Any:
+    """One OpenVINO ``Core`` for the process, never freed.
+
+    OpenVINO's CPU plugin points the calling thread's alternate signal stack at a buffer of its own when it is
+    created and restores the previous one when it is destroyed; plugins (one per ``Core``) destroyed in any order
+    but the reverse leave the thread's alternate stack on unmapped memory, and the next signal delivered to it
+    (a ``SIGCHLD`` when a DataLoader worker or subprocess exits) kills the process with ``SIGSEGV``.
+    """
+    import openvino
+
+    return openvino.Core()
+
+
+def _orphan_engines_in_child() -> None:
+    """After ``fork``: keep the parent's compiled engines alive forever and out of use in the child.
+
+    An OpenVINO engine's destructor joins its thread pool, whose threads do not exist in a forked child: freeing
+    one there (the garbage collector does, in any DataLoader worker forked after an inference, e.g. MONAI Label
+    training after serving a label) blocks that worker forever. The child compiles its own engine if it needs one.
+    """
+    for engine in list(_LIVE_ENGINES):
+        _ORPHANED_IN_CHILD.append(engine._sessions)
+        engine._sessions = {}
+
+
+os.register_at_fork(after_in_child=_orphan_engines_in_child)
 
 
 def _read_manifest(path: str) -> dict | None:
@@ -328,7 +362,7 @@ class BackendInferer(Inferer):
         engine = self._engine_for(network) if self.backend != "torch" else None
         if engine is None:
             return self._torch(inputs, network, *args, **kwargs)
-        return self.inferer(inputs, engine, *args, **kwargs)
+        return _with_meta_of(inputs, self.inferer(inputs, engine, *args, **kwargs))
 
     def _engine_for(self, network: Any) -> _Guarded | None:
         if id(network) in self._failed:
@@ -355,6 +389,23 @@ class BackendInferer(Inferer):
         logger.warning("%s; falling back to torch (%s) as the config allows", error, self.precision)
         self._failed.add(id(network))
         return None
+
+
+def _with_meta_of(inputs: torch.Tensor, outputs: Any) -> Any:
+    """Engine outputs carry the input's meta and transform trace, as torch's own forward of a ``MetaTensor`` does.
+
+    ``Invertd`` (in every 2D bundle's postprocessing, and in MONAI Label's) undoes the preprocessing from that trace;
+    without it the label map stays at the network's input size.
+    """
+    if not isinstance(inputs, MetaTensor):
+        return outputs
+    if isinstance(outputs, torch.Tensor) and not isinstance(outputs, MetaTensor):
+        return convert_to_dst_type(outputs, inputs, device=outputs.device, dtype=outputs.dtype)[0]
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_with_meta_of(inputs, o) for o in outputs)
+    if isinstance(outputs, dict):
+        return {k: _with_meta_of(inputs, o) for k, o in outputs.items()}
+    return outputs
 
 
 class _Guarded:
