@@ -401,10 +401,6 @@ def _with_meta_of(inputs: torch.Tensor, outputs: Any) -> Any:
         return outputs
     if isinstance(outputs, torch.Tensor) and not isinstance(outputs, MetaTensor):
         return convert_to_dst_type(outputs, inputs, device=outputs.device, dtype=outputs.dtype)[0]
-    if isinstance(outputs, (tuple, list)):
-        return type(outputs)(_with_meta_of(inputs, o) for o in outputs)
-    if isinstance(outputs, dict):
-        return {k: _with_meta_of(inputs, o) for k, o in outputs.items()}
     return outputs
 
 
