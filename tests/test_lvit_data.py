@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -12,8 +13,9 @@ from PIL import Image
 
 from common.data.lvit_templates import DEFAULT_TEMPLATE_TEXTS, describe, parse_zones, zone_mask
 from common.data.lvit_transforms import LViTRandAugmentd, ZeroLabelIfMissingd
-from common.data.qata import check_lvit_dataset, lvit_datalist, read_text_table
+from common.data.qata import check_lvit_dataset, lvit_datalist, read_text_table, record_split
 from common.demo.lvit import _opacities, make_lvit_demo
+from common.engines.lvit_semi import labelled_subset
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +122,29 @@ def test_templates_from_text():
     assert all(parse_zones(t) for t in DEFAULT_TEMPLATE_TEXTS)
     zones = {("right", "lower"), ("left", "upper")}
     assert parse_zones(describe(zones)) == zones
+
+
+def test_split_record_is_written_once_then_checked(tmp_path, caplog):
+    root = make_lvit_demo(str(tmp_path / "qata"), n_train=4, n_val=2, n_test=2, size=32)
+    record = str(tmp_path / "splits" / "qata_split.json")
+    with caplog.at_level(logging.INFO):
+        first = record_split(root, record)
+    assert {k: len(v) for k, v in first.items()} == {"Train": 4, "Val": 2, "Test": 2}
+    assert "split record written on first use" in caplog.text
+    assert record_split(root, record) == first  # an unchanged dataset passes
+    written = os.path.getmtime(record)
+    os.remove(os.path.join(root, "Val_Folder", "labelcol", first["Val"][0]))
+    with pytest.raises(ValueError, match=r"split Val differs from the record .*qata_split\.json: 1 recorded mask"):
+        record_split(root, record)
+    assert os.path.getmtime(record) == written  # the record is never rewritten
+
+
+def test_labelled_subset_file_is_reused_not_redrawn(tmp_path):
+    datalist = [{"name": f"mask_{i}.png"} for i in range(8)]
+    path = tmp_path / "qata_labelled_25.txt"
+    path.write_text("mask_7.png\nmask_0.png\n")  # a subset someone shipped or chose
+    assert labelled_subset(datalist, 0.25, path=str(path)) == ["mask_0.png", "mask_7.png"]
+    assert path.read_text() == "mask_7.png\nmask_0.png\n"
+    path.write_text("mask_0.png\nmask_99.png\n")
+    with pytest.raises(ValueError, match=r"qata_labelled_25\.txt: labelled subset file lists 1 name\(s\) not in"):
+        labelled_subset(datalist, 0.25, path=str(path))

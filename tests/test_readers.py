@@ -174,4 +174,4 @@ def test_lvit_labelled_subset_is_deterministic_and_logged(tmp_path, caplog):
         first = labelled_subset(datalist, 0.25, path=str(tmp_path / "labelled_25.txt"))
     assert first == labelled_subset(list(reversed(datalist)), 0.25) and len(first) == 2
     assert (tmp_path / "labelled_25.txt").read_text().split() == first
-    assert "labelled subset: 2 of 8 training masks, seed 666" in caplog.text
+    assert "labelled subset: 2 of 8 training masks, drawn with seed 666 on first use" in caplog.text

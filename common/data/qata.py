@@ -10,10 +10,16 @@ exists in ``img/``, else ``m`` itself; the text key is ``m``.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Sequence
 
-__all__ = ["SPLITS", "check_lvit_dataset", "lvit_datalist", "read_text_table", "text_table_path"]
+from ..core.io import write_atomically
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SPLITS", "check_lvit_dataset", "lvit_datalist", "read_text_table", "record_split", "text_table_path"]
 
 SPLITS = ("Train", "Val", "Test")
 _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -118,6 +124,38 @@ def lvit_datalist(dataset_dir: str, split: str = "Train", names: Sequence[str] |
         missing = sorted(keep - {d["name"] for d in items})[:10]
         raise ValueError(f"{len(keep) - len(items)} listed name(s) not in {folder}/labelcol, e.g. {missing}")
     return items
+
+
+def record_split(dataset_dir: str, path: str) -> dict[str, list[str]]:
+    """The mask names of each official split folder, written to ``path`` on first use and checked against it later.
+
+    The official splits are the ``Train_Folder``/``Val_Folder``/``Test_Folder`` trees (the authors' downloads);
+    the record lets a run say whether its dataset copy is the one an earlier run (or a published result) used.
+    A difference is an error naming the file and the split; the record is never overwritten.
+    """
+    current = {
+        split: _list_images(os.path.join(dataset_dir, f"{split}_Folder", "labelcol"))
+        for split in SPLITS
+        if os.path.isdir(os.path.join(dataset_dir, f"{split}_Folder", "labelcol"))
+    }
+    if not os.path.isfile(path):
+        write_atomically(path, lambda f: json.dump(current, f, indent=1), binary=False)
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in current.items())
+        logger.info(f"split record written on first use: {path} ({sizes} masks from {dataset_dir})")
+        return current
+    with open(path) as f:
+        recorded = json.load(f)
+    for split, names in recorded.items():
+        have = set(current.get(split, ()))
+        missing, extra = sorted(set(names) - have), sorted(have - set(names))
+        if missing or extra:
+            raise ValueError(
+                f"{dataset_dir} split {split} differs from the record {path}: {len(missing)} recorded mask(s) missing"
+                f" (e.g. {missing[:3]}), {len(extra)} not recorded (e.g. {extra[:3]}); use the dataset the record"
+                " lists, or move the record away to start a new one"
+            )
+    logger.info(f"split matches the record {path}")
+    return current
 
 
 def _read_names(names: Sequence[str] | str | None) -> set[str] | None:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from ..core.io import write_atomically
 from ..data.lvit_templates import DEFAULT_TEMPLATE_TEXTS, parse_zones, zone_mask
 from ..losses.lvit import LViTDiceBCE, lv_loss
 
@@ -179,18 +181,35 @@ class LViTSemiIteration:
 
 
 def labelled_subset(datalist: Sequence[dict], fraction: float, seed: int = 666, path: str | None = None) -> list[str]:
-    """A seeded random draw of ``round(fraction * N)`` mask names (sorted); written one a line to ``path`` if given."""
+    """The labelled mask names (sorted) of the semi-supervised recipe, read from ``path`` when it exists.
+
+    Otherwise they are a seeded random draw of ``round(fraction * N)`` of the sorted training mask names, written
+    one a line to ``path`` (if given) so that later runs and other people use the same subset. An existing file is
+    never redrawn or overwritten; a name in it that the datalist lacks is an error naming the file.
+    """
     if not 0 < fraction <= 1:
         raise ValueError(f"labelled fraction must be in (0, 1], got {fraction}")
     names = sorted(d["name"] for d in datalist)
+    if path is not None and os.path.isfile(path):
+        with open(path) as f:
+            chosen = sorted(line.strip() for line in f if line.strip())
+        unknown = sorted(set(chosen) - set(names))
+        if unknown or not chosen:
+            what = f"{len(unknown)} name(s) not in the training split, e.g. {unknown[:5]}" if unknown else "no names"
+            raise ValueError(f"{path}: labelled subset file lists {what}; delete it to draw the subset again")
+        expected = max(1, round(fraction * len(names)))
+        if len(chosen) != expected:
+            logger.warning(f"{path} lists {len(chosen)} labelled masks, fraction {fraction} of {len(names)} is {expected}")
+        logger.info(f"labelled subset: {len(chosen)} of {len(names)} training masks, read from {path}")
+        return chosen
     perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
     chosen = sorted(names[i] for i in perm[: max(1, round(fraction * len(names)))])
     logger.info(
-        f"labelled subset: {len(chosen)} of {len(names)} training masks, seed {seed} -> {path or '(not saved)'}"
+        f"labelled subset: {len(chosen)} of {len(names)} training masks, drawn with seed {seed} on first use"
+        f" -> {path or '(not saved)'}"
     )
     if path is not None:
-        with open(path, "w") as f:
-            f.write("\n".join(chosen) + "\n")
+        write_atomically(path, lambda f: f.write("\n".join(chosen) + "\n"), binary=False)
     return chosen
 
 
