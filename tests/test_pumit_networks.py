@@ -1,5 +1,7 @@
 """PUMIT networks: SAC semantics, token grids, parameter counts, RoPE, MIM masking, downstream shapes."""
 
+import copy
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -221,6 +223,32 @@ def test_segmenter_shapes_and_eval_returns_single_tensor():
     assert [tuple(o.shape) for o in outs] == [(1, 3, 8, 32, 32), (1, 3, 8, 16, 16), (1, 3, 8, 8, 8), (1, 3, 4, 4, 4)]
     with torch.no_grad():
         assert net.eval()(x).shape == (1, 3, 8, 32, 32)
+
+
+def test_segmenter_grad_ckpt_keeps_gradients_and_stores_less():
+    vit = tiny_vit(in_channels=1, patch_size=(4, 16, 16), adaptive_patch_embed=False, pos_embed_shape=(3, 3, 3))
+    plain = ViTSegmenter(
+        vit, num_classes=3, out_indexes=(0, 1, 1, 1), decoder_channels=(16, 16, 16, 16), full_res_channels=(8, 8, 16)
+    )
+    ckpt = copy.deepcopy(plain)
+    ckpt.grad_ckpt = True
+    x = torch.rand(1, 1, 8, 32, 32)
+    saved = {}
+    for name, net in (("plain", plain), ("ckpt", ckpt)):
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = sum(o.square().mean() for o in net(x))
+        loss.backward()
+        saved[name] = sum(sizes)
+    for p, q in zip(plain.parameters(), ckpt.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+    assert saved["ckpt"] < 0.5 * saved["plain"], saved
 
 
 def test_classifier_uses_cls_token():

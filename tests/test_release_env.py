@@ -3,13 +3,12 @@
 For every bundle: ``tools package`` writes the zip, which is unpacked outside the repo; a new virtual
 environment (no system site-packages) sees a shared base of ``torch`` + ``monai`` (+ their own
 requirements) through a ``.pth`` file and gets ``required_packages_version`` installed with pip; its
-python then builds ``network_def``, saves it as ``models/model.pt`` and runs ``inference.json`` +
+python then builds ``network_def``, saves it where ``checkpointloader`` loads from and runs ``inference.json`` +
 ``demo.json`` on demo data (generated here) with no ``PYTHONPATH``. A package missing from the metadata
 is an ``ImportError`` there.
 
-Opt-in (it installs packages and takes about 10 minutes on 2 cores): ``RUN_RELEASE_ENV=1``; set
-``RELEASE_BASE_VENV`` to an existing venv with torch and monai to skip building the base. ``.ci/run``
-runs it as its own step.
+Opt-in (it installs packages and takes about 12 minutes on 2 cores; ``.ci/run`` runs it): ``RUN_RELEASE_ENV=1``; set
+``RELEASE_BASE_VENV`` to an existing venv with torch and monai to skip building the base.
 """
 
 from __future__ import annotations
@@ -46,7 +45,8 @@ parser = ConfigParser()
 parser.read_config(configs)
 parser.read_meta(meta)
 parser.update({"bundle_root": root, "dataset_dir": data})
-torch.save(parser.get_parsed_content("network_def").state_dict(), os.path.join(root, "models", "model.pt"))
+checkpoint = parser.get_parsed_content("checkpointloader#load_path")  # model.pt, or LoVT's image_encoder.pt
+torch.save(parser.get_parsed_content("network_def").state_dict(), checkpoint)
 run(config_file=configs, meta_file=meta, bundle_root=root, dataset_dir=data)
 import common
 assert common.__file__.startswith(root), common.__file__

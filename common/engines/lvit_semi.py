@@ -199,7 +199,7 @@ def labelled_subset(datalist: Sequence[dict], fraction: float, seed: int = 666, 
             raise ValueError(f"{path}: labelled subset file lists {what}; delete it to draw the subset again")
         expected = max(1, round(fraction * len(names)))
         if len(chosen) != expected:
-            logger.warning(f"{path} lists {len(chosen)} labelled masks, fraction {fraction} of {len(names)} is {expected}")
+            logger.warning(f"{path} lists {len(chosen)} masks; fraction {fraction} of {len(names)} is {expected}")
         logger.info(f"labelled subset: {len(chosen)} of {len(names)} training masks, read from {path}")
         return chosen
     perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -79,6 +79,19 @@ def _measure(root: str, configs: list[str], overrides: dict) -> dict:
     return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss / 1024**2, "tree_gb": peak_tree / 1024**2}
 
 
+def _class_embedding_override(root: str, work_dir: str) -> dict:
+    """The Universal Model's class-embedding file: random, of CLIP's shape [32, 512] (the same memory)."""
+    with open(os.path.join(root, "configs", "train.json")) as f:
+        if "embedding_file" not in json.load(f):
+            return {}
+    import torch
+
+    path = os.path.join(work_dir, "random_txt_encoding.pth")
+    os.makedirs(work_dir, exist_ok=True)
+    torch.save(torch.randn(32, 512, dtype=torch.float16), path)
+    return {"embedding_file": path}
+
+
 def main(
     bundle: str = "unetr_btcv_segmentation",
     data_dir: str | None = None,
@@ -96,18 +109,20 @@ def main(
     records = [{k: os.path.join(data_dir, v) for k, v in r.items()} for r in split["training"] + split["validation"]]
     rows = []
     extra = {} if num_workers is None else {"num_workers": num_workers}
+    work_dir = os.path.join(data_dir, os.path.basename(root))  # checkpoints and outputs of this bundle only
     for phase in [p.strip() for p in phases if p.strip()]:
         if phase == "train":
             overrides = {"run_id": "", "init_id": None, "final_id": None, "bundle_root": root, "device": "cpu"}
             overrides |= {"train#trainer#max_epochs": 1, "train#dataset#data": records[:1]}
-            overrides |= {"validate#dataset#data": records[1:2], "ckpt_dir": os.path.join(data_dir, "models")}
-            overrides |= {"output_dir": os.path.join(data_dir, "eval"), "use_tensorboard": False, **extra}
+            overrides |= {"validate#dataset#data": records[1:2], "ckpt_dir": os.path.join(work_dir, "models")}
+            overrides |= {"output_dir": os.path.join(work_dir, "eval"), "use_tensorboard": False, **extra}
+            overrides |= _class_embedding_override(root, work_dir)
             result = _measure(root, ["train.json"], overrides)
         elif phase == "infer":
             overrides = {"run_id": "run", "bundle_root": root, "dataset_dir": data_dir, "device": "cpu"}
-            overrides |= {"output_dir": os.path.join(data_dir, "eval")}
-            overrides |= {"ckpt_dir": os.path.join(data_dir, "models")}  # the checkpoint training wrote, if any
-            overrides |= {"init_weights": os.path.join(data_dir, "models", "model.pt")}
+            overrides |= {"output_dir": os.path.join(work_dir, "eval")}
+            overrides |= {"ckpt_dir": os.path.join(work_dir, "models")}  # the checkpoint training wrote, if any
+            overrides |= {"init_weights": os.path.join(work_dir, "models", "model.pt")}
             result = _measure(root, ["inference.json"], overrides)
         else:
             raise SystemExit(f"unknown phase {phase!r}; use train and/or infer")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetUpBlock
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .vit import ViT
 
@@ -63,6 +64,8 @@ class ViTSegmenter(nn.Module):
     ViT maps to ``decoder_channels``. Input in [0, 1] is scaled to ``2x - 1`` (BTCV); ``rescale_input=False``
     takes already normalised input (CHAOS: z-scored channels). Training returns the
     main logits followed by ``num_deep_supervision - 1`` coarser ones; eval returns the main logits only.
+    ``grad_ckpt`` recomputes each convolution block in the backward pass instead of storing its activations
+    (same gradients; the full-resolution blocks hold most of a training step's memory).
     """
 
     def __init__(
@@ -74,9 +77,11 @@ class ViTSegmenter(nn.Module):
         full_res_channels: Sequence[int] = (32, 64, 128),
         num_deep_supervision: int = 4,
         rescale_input: bool = True,
+        grad_ckpt: bool = False,
     ):
         super().__init__()
         self.rescale_input = rescale_input
+        self.grad_ckpt = grad_ckpt
         self.adapter = SimpleViTAdapter(vit, out_indexes)
         in_ch = vit.patch_embed.in_channels
         dim = vit.embed_dim
@@ -102,20 +107,25 @@ class ViTSegmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.rescale_input:
             x = 2 * x - 1
-        f0 = self.full_res[0](x)
-        f1 = self.full_res[1](f0)
-        f2 = self.full_res[2](f1)
+        f0 = self._block(self.full_res[0], x)
+        f1 = self._block(self.full_res[1], f0)
+        f2 = self._block(self.full_res[2], f1)
         vit_maps = [lat(m) for lat, m in zip(self.laterals, self.adapter(x))]
         skips = [f0, f1, f2 + vit_maps[0], *vit_maps[1:]]
         h = skips[-1]
         outs = [h]
         for i in reversed(range(len(self.up))):
-            h = self.up[i](h, skips[i])
+            h = self._block(self.up[i], h, skips[i])
             outs.append(h)
         outs = outs[::-1]  # fine -> coarse
         if not self.training:
             return self.heads[0](outs[0])
         return [head(o) for head, o in zip(self.heads, outs)]
+
+    def _block(self, block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.grad_ckpt and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
 
 class ViTClassifier(nn.Module):
