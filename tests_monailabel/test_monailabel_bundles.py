@@ -161,24 +161,7 @@ def _infer(root: str, image: str) -> None:
         assert not torch.allclose(outputs[0], outputs[1]), "the text prompt must reach the network"
 
 
-# Open failures of this release (issue 13), run and reported as XFAIL / XPASS rather than hidden:
-KNOWN_FAILURES = {
-    ("train", "lvit_qata_covid19_segmentation"): "MONAI Label's PNG label is 112x224 for a 224x224 image",
-    ("train", "unetr_btcv_segmentation"): "model.pt after MONAI Label's 1-epoch run equals the initial weights",
-    ("real", "clip_driven_universal_ct_segmentation"): "real-size app bundle loses network_def from inference.json",
-    ("real", "lvit_qata_covid19_segmentation"): "real-size app bundle loses network_def from inference.json",
-    ("real", "unetr_btcv_segmentation"): "real-size app bundle loses network_def from inference.json",
-}
-
-
-def _mark_known_failure(request: pytest.FixtureRequest, kind: str, bundle: str) -> None:
-    reason = KNOWN_FAILURES.get((kind, os.path.basename(bundle)))
-    if reason:
-        request.node.add_marker(pytest.mark.xfail(reason=f"known, issue 13: {reason}", strict=False))
-
-
-def test_train_then_infer_in_monailabel(bundle, demo_data_dirs, tmp_path, tmp_path_factory, request):
-    _mark_known_failure(request, "train", bundle)
+def test_train_then_infer_in_monailabel(bundle, demo_data_dirs, tmp_path, tmp_path_factory):
     data = demo_dataset(bundle, demo_data_dirs, tmp_path_factory)
     runs_file = str(tmp_path / "trainer_runs.txt")
     root = _app_bundle(bundle, data, str(tmp_path / "app"), runs_file=runs_file)
@@ -202,9 +185,8 @@ def test_train_then_infer_in_monailabel(bundle, demo_data_dirs, tmp_path, tmp_pa
     _infer(root, records[0]["image"])
 
 
-def test_infer_at_real_network_size(bundle, demo_data_dirs, tmp_path, tmp_path_factory, request):
+def test_infer_at_real_network_size(bundle, demo_data_dirs, tmp_path, tmp_path_factory):
     """The served network at its real size (random weights) labels a demo image through MONAI Label."""
-    _mark_known_failure(request, "real", bundle)
     data = demo_dataset(bundle, demo_data_dirs, tmp_path_factory)
     root = _app_bundle(bundle, data, str(tmp_path / "app"), real_size=True)
     _initial_checkpoint(root)
