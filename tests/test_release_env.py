@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from importlib.metadata import version
 
 import pytest
@@ -66,15 +68,17 @@ def _site_packages(python: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def base_env(tmp_path_factory) -> str:
-    """A venv with only torch and monai (the versions installed here) and what they require."""
+def base_env(tmp_path_factory) -> Iterator[str]:
+    """A venv with only torch and monai (the versions installed here) and what they require; removed after."""
     given = os.environ.get("RELEASE_BASE_VENV")
     if given:
-        return given
+        yield given
+        return
     base = str(tmp_path_factory.mktemp("release_base") / "venv")
     _sh(sys.executable, "-m", "venv", base)
     _sh(f"{base}/bin/pip", "install", "-q", f"torch=={version('torch').split('+')[0]}", f"monai=={version('monai')}")
-    return base
+    yield base
+    shutil.rmtree(base, ignore_errors=True)  # about 2 GB; pytest keeps the last three temp roots
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=[os.path.basename(b) for b in BUNDLES])
@@ -86,13 +90,16 @@ def test_release_zip_infers_with_listed_packages_only(bundle, base_env, demo_dat
     (root,) = glob.glob(str(tmp_path / "unzipped" / "*"))
 
     env = str(tmp_path / "venv")
-    _sh(sys.executable, "-m", "venv", "--without-pip", env)
-    python = f"{env}/bin/python"
-    with open(os.path.join(_site_packages(python), "base.pth"), "w") as f:
-        f.write(_site_packages(f"{base_env}/bin/python") + "\n")
-    packages = load_metadata(root).get("required_packages_version", {})
-    packages = [f"{name}=={v}" for name, v in packages.items()]
-    if packages:
-        _sh(f"{base_env}/bin/pip", "--python", python, "install", "-q", *packages)
-    result = _sh(python, "-c", INFER, root, data, cwd=str(tmp_path))
+    try:
+        _sh(sys.executable, "-m", "venv", "--without-pip", env)
+        python = f"{env}/bin/python"
+        with open(os.path.join(_site_packages(python), "base.pth"), "w") as f:
+            f.write(_site_packages(f"{base_env}/bin/python") + "\n")
+        packages = load_metadata(root).get("required_packages_version", {})
+        packages = [f"{name}=={v}" for name, v in packages.items()]
+        if packages:
+            _sh(f"{base_env}/bin/pip", "--python", python, "install", "-q", *packages)
+        result = _sh(python, "-c", INFER, root, data, cwd=str(tmp_path))
+    finally:
+        shutil.rmtree(env, ignore_errors=True)  # the bundle's packages: up to 1 GB each
     assert "outputs:" in result.stdout and "outputs: []" not in result.stdout, result.stdout[-2000:]

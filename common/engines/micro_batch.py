@@ -6,7 +6,8 @@ The 3D recipes draw several crops per image into one batch (UNETR 4 x 96^3, PUMI
 pass on ``micro_batch_size`` samples at a time and steps the optimiser once per batch. Each chunk's loss is
 weighted by its share of the batch, so for a loss that averages over samples and a network without batch
 statistics (instance / layer norm, as in all three) the update equals the whole-batch update; only the
-peak memory (that of one chunk) and the float rounding differ.
+peak memory (that of one chunk) and the float rounding differ. (MONAI's ``accumulation_steps`` accumulates
+over iterations instead, which would change the recipe's step count and schedules.)
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ class MicroBatchIteration:
             with contextlib.ExitStack() as stack:
                 if no_sync is not None and not last:
                     stack.enter_context(no_sync())
-                if engine.amp:
-                    stack.enter_context(torch.autocast(inputs.device.type, **engine.amp_kwargs))
+                if engine.amp:  # as MONAI's own iteration does
+                    stack.enter_context(torch.autocast("cuda", **engine.amp_kwargs))
                 pred = engine.inferer(x, engine.network, *args, **kwargs)
                 loss = engine.loss_function(pred, y).mean() * (len(x) / size)
             (engine.scaler.scale(loss) if use_scaler else loss).backward()
