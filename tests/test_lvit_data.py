@@ -137,6 +137,8 @@ def test_split_record_is_written_once_then_checked(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"split Val differs from the record .*qata_split\.json: 1 recorded mask"):
         record_split(root, record)
     assert os.path.getmtime(record) == written  # the record is never rewritten
+    assert record_split(str(tmp_path / "no_dataset"), str(tmp_path / "none.json")) == {}
+    assert not (tmp_path / "none.json").exists()  # nothing to record: no empty record is left behind
 
 
 def test_labelled_subset_file_is_reused_not_redrawn(tmp_path):

@@ -138,6 +138,9 @@ def record_split(dataset_dir: str, path: str) -> dict[str, list[str]]:
         for split in SPLITS
         if os.path.isdir(os.path.join(dataset_dir, f"{split}_Folder", "labelcol"))
     }
+    if not current:  # e.g. MONAI Label passes its datastore records instead of the official tree
+        logger.info(f"no official split folders under {dataset_dir}: split record {path} not written or checked")
+        return current
     if not os.path.isfile(path):
         write_atomically(path, lambda f: json.dump(current, f, indent=1), binary=False)
         sizes = ", ".join(f"{k} {len(v)}" for k, v in current.items())
