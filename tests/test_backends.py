@@ -38,6 +38,8 @@ _SEGMENTERS = {
         "sliding",
     ),
     "pumit_btcv_segmentation": ({}, [(1, 1, 10, 40, 36)], "sliding"),
+    # the demo roi 32x32x64 does not export (see the bundle docs); 64^3 and the real 96^3 do
+    "clip_driven_universal_ct_segmentation": ({"roi_size": [64, 64, 64]}, [(1, 1, 72, 64, 64)], "sliding"),
     "lvit_qata_covid19_segmentation": (
         {"img_size": 64, "network_def#base_channels": 8, "num_text_tokens": 10, "text_dim": 32},
         [(1, 3, 64, 64), (1, 10, 32)],
@@ -179,8 +181,8 @@ def test_unsupported_precision_is_named():
 
 
 # bundles whose CPU default is an engine: not the pretraining bundles (their encoders return dicts) nor the
-# Universal Model (its Swin backbone does not export to ONNX: channel sizes are lost in traced reshapes)
-_ENGINE_DEFAULT = set(_SEGMENTERS)
+# Universal Model (OpenVINO agrees and is 1.5x faster, but peaks at 6.2 GB against torch's 3.8 GB)
+_ENGINE_DEFAULT = set(_SEGMENTERS) - {"clip_driven_universal_ct_segmentation"}
 
 
 @pytest.mark.parametrize("bundle", sorted(_BY_NAME))

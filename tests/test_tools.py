@@ -137,3 +137,11 @@ def test_cli_help_lists_the_commands():
         assert f"\n     {command}\n" in result.stdout + result.stderr, (
             f"'python -m tools --help' does not list {command}"
         )
+
+
+def test_cli_help_of_a_plugin_prints_its_docstring_and_signature():
+    """``python -m tools benchmark memory --help`` documents the plugin instead of passing ``help`` to it."""
+    command = [sys.executable, "-m", "tools", "benchmark", "memory", "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=BUNDLES_DIR)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Peak resident memory" in result.stdout and "main(bundle: " in result.stdout

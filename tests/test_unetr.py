@@ -179,3 +179,30 @@ def test_reference_checkpoint_loads_with_obsolete_keys(tmp_path):
     other = UNETR(1, 5, (32, 32, 32), feature_size=8, hidden_size=96, mlp_dim=192, num_heads=4, proj_type="perceptron")
     skipped = load_unetr_reference(other, str(path), strict=False)
     assert skipped == ["out.conv.conv.weight", "out.conv.conv.bias"]
+
+
+@pytest.mark.parametrize("invert_probabilities", [False, True])
+def test_inference_postprocessing_inverts_labels_or_probabilities(tmp_path, invert_probabilities):
+    """The default inverts the argmax label (no softmax copy of the 14 maps); ``invert_probabilities`` inverts
+    the probabilities first. With no resampling to undo, both give the argmax of the logits in input space."""
+    image = np.full((24, 20, 16), -1000, dtype=np.int16)  # air: below the intensity window, cropped away
+    image[4:20, 4:16, 2:14] = 100
+    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 2.0, 1.0])), tmp_path / "ct.nii.gz")
+    parser = parse_bundle(BUNDLE, ["inference.json"])
+    parser["invert_probabilities"] = invert_probabilities
+    with on_sys_path(BUNDLE):
+        data = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "ct.nii.gz")})
+        post = parser.get_parsed_content("postprocessing")
+    assert data["image"].shape == (1, 16, 12, 12)
+    logits = torch.randn(14, 16, 12, 12, generator=torch.Generator().manual_seed(0))
+    data["pred"] = type(data["image"])(logits, meta=data["image"].meta)
+    softmax = [t for t in post.transforms if type(t).__name__ == "Activationsd"]
+    assert len(softmax) == int(invert_probabilities)
+    for transform in post.transforms:
+        if type(transform).__name__ != "SaveImaged":
+            data = transform(data)
+    assert data["pred"].shape == (1, 24, 20, 16)
+    # foreground crop: the logits cover the cropped box; outside it the inverted label is background (0)
+    inside = data["pred"][0, 4:20, 4:16, 2:14]
+    assert torch.equal(inside.long(), logits.argmax(0))
+    assert data["pred"].sum() == inside.sum()

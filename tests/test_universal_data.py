@@ -170,3 +170,50 @@ def test_demo_phantoms(tmp_path):
     before = (tmp_path / "demo/dataset_list/demo_train.txt").stat().st_mtime_ns
     write_universal_demo(str(tmp_path / "demo"), n_train=1, n_val=0, n_test=1, size=32)
     assert (tmp_path / "demo/dataset_list/demo_train.txt").stat().st_mtime_ns == before
+
+
+def test_post_process_on_logits_equals_sigmoid_threshold():
+    """Thresholding logits at logit(t) gives the masks of sigmoid >= t, as uint8, without a probability copy."""
+    logits = torch.randn(32, 8, 8, 8) * 3
+    for threshold in (0.5, 0.3):
+        from_prob = UniversalPostProcessd(threshold=threshold, post_process=False)({"pred": torch.sigmoid(logits)})
+        from_logits = UniversalPostProcessd(threshold=threshold, post_process=False, logits=True)({"pred": logits})
+        assert from_logits["pred"].dtype == torch.uint8
+        assert torch.equal(from_prob["pred"], from_logits["pred"])
+    with pytest.raises(ValueError, match="threshold"):
+        UniversalPostProcessd(threshold=1.0, logits=True)
+
+
+def test_inference_postprocessing_writes_label_map_and_per_class_masks_from_logits(tmp_path):
+    """``inference.json`` post-processing from raw logits: organ-aware masks, one label map and the per-class
+    files, in the input's geometry (the uint8 masks go through ``Invertd`` and ``SavePerClassd``)."""
+    import os
+
+    import nibabel as nib
+
+    from tools.bundle_io import BUNDLES_DIR, on_sys_path, parse_bundle
+
+    bundle = os.path.join(BUNDLES_DIR, "clip_driven_universal_ct_segmentation")
+    image = np.full((20, 16, 12), -1000, dtype=np.int16)  # air outside a soft-tissue box, cropped away
+    image[2:18, 2:14, 2:10] = 40
+    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 1.5, 1.0])), tmp_path / "ct.nii.gz")
+    parser = parse_bundle(bundle, ["inference.json"])
+    parser["save_per_class"] = True
+    parser["output_dir"] = str(tmp_path / "out")
+    with on_sys_path(bundle):
+        data = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "ct.nii.gz")})
+        post = parser.get_parsed_content("postprocessing")
+    assert data["image"].shape == (1, 16, 12, 8)
+    logits = torch.full((32, 16, 12, 8), -5.0)
+    logits[5, 2:10, 2:10, 2:6] = 3.0  # liver (6)
+    logits[0, 11:14, 3:6, 3:5] = 0.5  # spleen (1): sigmoid 0.62, above the 0.5 threshold
+    data["pred"] = MetaTensor(logits, meta=data["image"].meta)
+    data = post(data)
+    label = data["pred"][0]
+    assert label.shape == (20, 16, 12)
+    assert (label == 6).sum() == 8 * 8 * 4 and (label == 1).sum() == 3 * 3 * 2
+    assert label[4, 4, 4] == 6 and label[13, 5, 5] == 1 and label[0, 0, 0] == 0
+    written = sorted(p.name for p in (tmp_path / "out").rglob("*.nii.gz"))
+    assert written == ["ct_liver.nii.gz", "ct_seg.nii.gz", "ct_spleen.nii.gz"], written
+    liver = nib.load(next((tmp_path / "out").rglob("ct_liver.nii.gz"))).get_fdata()
+    assert liver.shape == (20, 16, 12) and liver.sum() == 8 * 8 * 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from typing import Any
 
@@ -16,6 +17,18 @@ def _plugin(package: str, name: str, attr: str):
     if name not in available:
         raise SystemExit(f"unknown {package[:-1]} {name!r}; available: {', '.join(available) or 'none'}")
     return getattr(importlib.import_module(f"tools.{package}.{name}"), attr)
+
+
+def _run_plugin(package: str, name: str, attr: str, args: tuple, kwargs: dict) -> Any:
+    """Call a plugin; ``--help`` prints its module docstring and signature instead (fire cannot see through
+    the ``*args, **kwargs`` of the dispatching command)."""
+    fn = _plugin(package, name, attr)
+    if kwargs.pop("help", False) or "--help" in args:
+        module = inspect.getmodule(fn)
+        print(f"python -m tools {package.rstrip('s')} {name} ARGS\n\n{inspect.getdoc(module) or ''}\n")
+        print(f"{attr}{inspect.signature(fn)}")
+        return None
+    return fn(*args, **kwargs)
 
 
 class Tools:
@@ -59,15 +72,15 @@ class Tools:
 
     def convert(self, name: str, src: str, dst: str, **kwargs: Any) -> None:
         """Map an official checkpoint layout onto ours (``tools/converters/<name>.py``)."""
-        _plugin("converters", name, "convert")(src, dst, **kwargs)
+        _run_plugin("converters", name, "convert", (src, dst), kwargs)
 
     def prepare(self, name: str, *args: Any, **kwargs: Any) -> None:
         """Turn an official raw download into the layout a bundle reads (``tools/preparers/<name>.py``)."""
-        _plugin("preparers", name, "main")(*args, **kwargs)
+        _run_plugin("preparers", name, "main", args, kwargs)
 
     def benchmark(self, name: str, *args: Any, **kwargs: Any) -> None:
         """Print train-step and inference figures for one model (``tools/benchmarks/<name>.py``)."""
-        _plugin("benchmarks", name, "main")(*args, **kwargs)
+        _run_plugin("benchmarks", name, "main", args, kwargs)
 
     def gpucheck(
         self,

@@ -10,6 +10,7 @@ target plus a per-channel "annotated" mask.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -422,9 +423,11 @@ def organ_post_process(pred: np.ndarray, classes: Sequence[int] | None = None) -
 
 
 class UniversalPostProcessd(MapTransform):
-    """Threshold sigmoid probabilities and apply ``organ_post_process`` to each item (``[32, *spatial]``).
+    """Threshold the 32 class maps and apply ``organ_post_process`` to each item (``[32, *spatial]``).
 
     ``classes``: names or indices to predict (others zeroed); ``post_process`` False keeps the raw threshold.
+    ``logits``: ``pred`` holds logits, thresholded at ``logit(threshold)`` (the same masks as the sigmoid, without
+    a float32 copy of the 32 maps: 1.7 GB for a 260x260x200 CT). The output is a uint8 mask.
     """
 
     def __init__(
@@ -433,10 +436,13 @@ class UniversalPostProcessd(MapTransform):
         threshold: float = 0.5,
         classes: Sequence[str | int] | None = None,
         post_process: bool = True,
+        logits: bool = False,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.threshold = threshold
+        if logits and not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1) to threshold logits, got {threshold}")
+        self.threshold = math.log(threshold / (1.0 - threshold)) if logits else threshold
         self.classes = class_indices(classes) if classes is not None else None
         self.post_process = post_process
 
@@ -449,7 +455,7 @@ class UniversalPostProcessd(MapTransform):
                 binary = organ_post_process(binary, self.classes)
             elif self.classes is not None:
                 binary[[i for i in range(NUM_CLASSES) if i + 1 not in self.classes]] = False
-            out = torch.from_numpy(np.ascontiguousarray(binary)).to(torch.float32)
+            out = torch.from_numpy(np.ascontiguousarray(binary, dtype=np.uint8))
             d[key] = (
                 MetaTensor(out, meta=pred.meta, applied_operations=pred.applied_operations)
                 if isinstance(pred, MetaTensor)

@@ -98,7 +98,10 @@ def main(
     phases: str | tuple[str, ...] = "train,infer",
     shape: str | tuple[int, ...] = "512,512,100",
     num_workers: int | None = None,
+    overrides: dict | str | None = None,
 ) -> list[dict]:
+    """``overrides``: extra config ids for both phases, e.g. ``'{"overlap": 0.25}'`` (fewer sliding windows; the
+    memory per window is the same, so the peak is too, and the run is shorter)."""
     root = os.path.join(BUNDLES_DIR, bundle) if not os.path.isdir(bundle) else os.path.abspath(bundle)
     size = tuple(int(s) for s in (shape.split(",") if isinstance(shape, str) else shape))  # fire passes a tuple
     phases = phases.split(",") if isinstance(phases, str) else phases
@@ -109,21 +112,23 @@ def main(
     records = [{k: os.path.join(data_dir, v) for k, v in r.items()} for r in split["training"] + split["validation"]]
     rows = []
     extra = {} if num_workers is None else {"num_workers": num_workers}
+    extra |= json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
     work_dir = os.path.join(data_dir, os.path.basename(root))  # checkpoints and outputs of this bundle only
     for phase in [p.strip() for p in phases if p.strip()]:
         if phase == "train":
-            overrides = {"run_id": "", "init_id": None, "final_id": None, "bundle_root": root, "device": "cpu"}
-            overrides |= {"train#trainer#max_epochs": 1, "train#dataset#data": records[:1]}
-            overrides |= {"validate#dataset#data": records[1:2], "ckpt_dir": os.path.join(work_dir, "models")}
-            overrides |= {"output_dir": os.path.join(work_dir, "eval"), "use_tensorboard": False, **extra}
-            overrides |= _class_embedding_override(root, work_dir)
-            result = _measure(root, ["train.json"], overrides)
+            ids = {"run_id": "", "init_id": None, "final_id": None, "bundle_root": root, "device": "cpu"}
+            ids |= {"train#trainer#max_epochs": 1, "train#dataset#data": records[:1]}
+            ids |= {"validate#dataset#data": records[1:2], "ckpt_dir": os.path.join(work_dir, "models")}
+            ids |= {"output_dir": os.path.join(work_dir, "eval"), "use_tensorboard": False}
+            ids |= _class_embedding_override(root, work_dir)
+            result = _measure(root, ["train.json"], ids | extra)
         elif phase == "infer":
-            overrides = {"run_id": "run", "bundle_root": root, "dataset_dir": data_dir, "device": "cpu"}
-            overrides |= {"output_dir": os.path.join(work_dir, "eval")}
-            overrides |= {"ckpt_dir": os.path.join(work_dir, "models")}  # the checkpoint training wrote, if any
-            overrides |= {"init_weights": os.path.join(work_dir, "models", "model.pt")}
-            result = _measure(root, ["inference.json"], overrides)
+            ids = {"run_id": "run", "bundle_root": root, "dataset_dir": data_dir, "device": "cpu"}
+            ids |= {"input_dir": os.path.join(data_dir, "imagesTs")}  # the test image only
+            ids |= {"output_dir": os.path.join(work_dir, "eval")}
+            ids |= {"ckpt_dir": os.path.join(work_dir, "models")}  # the checkpoint training wrote, if any
+            ids |= {"init_weights": os.path.join(work_dir, "models", "model.pt")}
+            result = _measure(root, ["inference.json"], ids | extra)
         else:
             raise SystemExit(f"unknown phase {phase!r}; use train and/or infer")
         rows.append({"bundle": os.path.basename(root), "phase": phase, **result})
