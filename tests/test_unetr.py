@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from monai.data import MetaTensor
 from monai.networks.nets import UNETR
 
 from common.data.btcv import btcv_datalist
@@ -195,7 +196,7 @@ def test_inference_postprocessing_inverts_labels_or_probabilities(tmp_path, inve
         post = parser.get_parsed_content("postprocessing")
     assert data["image"].shape == (1, 16, 12, 12)
     logits = torch.randn(14, 16, 12, 12, generator=torch.Generator().manual_seed(0))
-    data["pred"] = type(data["image"])(logits, meta=data["image"].meta)
+    data["pred"] = MetaTensor(logits, meta=data["image"].meta)
     softmax = [t for t in post.transforms if type(t).__name__ == "Activationsd"]
     assert len(softmax) == int(invert_probabilities)
     for transform in post.transforms:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -25,6 +28,7 @@ from common.data.universal import (
     uniform_sample_weights,
 )
 from common.demo.universal import write_universal_demo
+from tools.bundle_io import BUNDLES_DIR, on_sys_path, parse_bundle
 
 
 @pytest.mark.parametrize(
@@ -187,12 +191,6 @@ def test_post_process_on_logits_equals_sigmoid_threshold():
 def test_inference_postprocessing_writes_label_map_and_per_class_masks_from_logits(tmp_path):
     """``inference.json`` post-processing from raw logits: organ-aware masks, one label map and the per-class
     files, in the input's geometry (the uint8 masks go through ``Invertd`` and ``SavePerClassd``)."""
-    import os
-
-    import nibabel as nib
-
-    from tools.bundle_io import BUNDLES_DIR, on_sys_path, parse_bundle
-
     bundle = os.path.join(BUNDLES_DIR, "clip_driven_universal_ct_segmentation")
     image = np.full((20, 16, 12), -1000, dtype=np.int16)  # air outside a soft-tissue box, cropped away
     image[2:18, 2:14, 2:10] = 40

@@ -6,7 +6,8 @@ MONAI Label's ``BundleTrainTask`` calls it (``monai.bundle.run`` with ``run_id="
 ids, one training and one validation image, ``max_epochs`` 1, CPU) and inference runs ``inference.json``
 on one image. Each phase is its own process; its peak RSS (largest process) and the peak of the summed
 RSS of the process and its DataLoader workers (sampled every 0.2 s; pages shared after ``fork`` count once
-per process, so this sum is an upper bound) are printed.
+per process, so this sum is an upper bound) are printed. ``--overrides '{"overlap": 0.25}'`` adds config ids to
+both phases (fewer sliding windows: the same peak, a shorter run).
 """
 
 from __future__ import annotations
@@ -100,8 +101,6 @@ def main(
     num_workers: int | None = None,
     overrides: dict | str | None = None,
 ) -> list[dict]:
-    """``overrides``: extra config ids for both phases, e.g. ``'{"overlap": 0.25}'`` (fewer sliding windows; the
-    memory per window is the same, so the peak is too, and the run is shorter)."""
     root = os.path.join(BUNDLES_DIR, bundle) if not os.path.isdir(bundle) else os.path.abspath(bundle)
     size = tuple(int(s) for s in (shape.split(",") if isinstance(shape, str) else shape))  # fire passes a tuple
     phases = phases.split(",") if isinstance(phases, str) else phases
